@@ -1,0 +1,1594 @@
+"""Parameter Golf record script: train the 11-layer GQA model in 600 s, export it as a
+size-fitted int6 GPTQ artifact, and score it (round trip, sliding window, SLOT) in bits per byte.
+Every setting is an environment variable; see README.md. Order: settings -> data -> model ->
+optimizer -> training -> export -> evaluation -> main."""
+from __future__ import annotations
+
+import contextlib, difflib, glob, hashlib, json, lzma, math, os, struct, sys, time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- settings
+
+# (env name, default, kind, meaning). Defaults are the record configuration.
+SETTINGS = [
+    ("DATA_PATH", "./data/datasets/fineweb10B_sp1024", "str", "folder of fineweb_train_*.bin / fineweb_val_*.bin shards"),
+    ("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model", "str", "SentencePiece model used for byte counting"),
+    ("VOCAB_SIZE", 1024, "int", "vocabulary size; must equal the tokenizer's"),
+    ("SEED", 1337, "int", "random seed"),
+    ("RUN_ID", "", "str", "run name for logs/<RUN_ID>.txt (default: UTC time stamp)"),
+    ("LOG_DIR", "logs", "str", "folder for the log, weights, artifact and submission.json"),
+    ("ITERATIONS", 20000, "int", "maximum training steps"),
+    ("WARMUP_STEPS", 20, "int", "compile warm-up steps; weights and optimizer state are restored after"),
+    ("WARMDOWN_ITERS", 3500, "int", "warm-down length in steps (time-based when MAX_WALLCLOCK_SECONDS > 0)"),
+    ("TRAIN_BATCH_TOKENS", 786432, "int", "tokens per optimizer step, all ranks together"),
+    ("TRAIN_SEQ_LEN", 2048, "int", "training sequence length"),
+    ("GRAD_ACCUM_STEPS", 0, "int", "micro-steps per optimizer step (0: 8 // world size)"),
+    ("MAX_WALLCLOCK_SECONDS", 600.0, "float", "training time cap in seconds, warm-up excluded (0: no cap)"),
+    ("VAL_LOSS_EVERY", 4000, "int", "validate every N steps during training (0: only at the end)"),
+    ("TRAIN_LOG_EVERY", 200, "int", "log train loss every N steps"),
+    ("VAL_TOKENS", 0, "int", "use only the first N validation tokens (0: the whole split)"),
+    ("NUM_LAYERS", 11, "int", "transformer blocks"),
+    ("MODEL_DIM", 512, "int", "model width"),
+    ("NUM_HEADS", 8, "int", "query heads"),
+    ("NUM_KV_HEADS", 4, "int", "key/value heads (GQA)"),
+    ("MLP_MULT", 3, "int", "MLP hidden width = MLP_MULT x MODEL_DIM"),
+    ("MLP_LEAKY_SLOPE", 0.5, "float", "negative slope of the LeakyReLU before squaring"),
+    ("ROPE_DIMS", 16, "int", "head dims rotated by RoPE (partial RoPE)"),
+    ("ROPE_BASE", 10000.0, "float", "RoPE base"),
+    ("QK_GAIN_INIT", 4.0, "float", "initial per-head query gain"),
+    ("LOGIT_SOFTCAP", 30.0, "float", "logit soft cap c in c*tanh(z/c)"),
+    ("XSA_LAST_N", 11, "int", "exclusive self-attention on the last N layers"),
+    ("LN_SCALE", True, "bool", "scale block inputs by 1/sqrt(layer+1)"),
+    ("BIGRAM_VOCAB_SIZE", 2048, "int", "BigramHash rows (0: off)"),
+    ("BIGRAM_DIM", 128, "int", "BigramHash embedding width"),
+    ("SMEAR_ENABLED", True, "bool", "SmearGate on the embedding output"),
+    ("VE_ENABLED", True, "bool", "shared value embedding"),
+    ("VE_DIM", 128, "int", "value-embedding width"),
+    ("VE_LAYERS", [9, 10], "ints", "layers that add the value embedding to v"),
+    ("UNET_SKIPS", True, "bool", "U-Net skip connections"),
+    ("SKIP_GATED", False, "bool", "sigmoid-gated skip blend (seed 000) instead of additive skips (seed 001)"),
+    ("TIE_EMBEDDINGS", True, "bool", "tie input embedding and output head"),
+    ("TIED_EMBED_INIT_STD", 0.005, "float", "token embedding init std"),
+    ("TIED_EMBED_LR", 0.035, "float", "AdamW lr of the embedding tables (token, bigram, value)"),
+    ("HEAD_LR", 0.008, "float", "AdamW lr of the untied head (TIE_EMBEDDINGS=0)"),
+    ("MATRIX_LR", 0.025, "float", "Muon lr"),
+    ("SCALAR_LR", 0.025, "float", "AdamW lr of vectors and scalars"),
+    ("MUON_MOMENTUM", 0.99, "float", "Muon Nesterov momentum"),
+    ("MUON_MOMENTUM_WARMUP_START", 0.92, "float", "Muon momentum at step 0"),
+    ("MUON_MOMENTUM_WARMUP_STEPS", 1500, "int", "steps to warm the momentum up"),
+    ("MUON_BACKEND_STEPS", 5, "int", "Newton-Schulz iterations"),
+    ("MUON_WD", 0.04, "float", "Muon decoupled weight decay"),
+    ("ADAM_WD", 0.04, "float", "AdamW weight decay"),
+    ("BETA1", 0.9, "float", "AdamW beta1"),
+    ("BETA2", 0.95, "float", "AdamW beta2"),
+    ("ADAM_EPS", 1e-8, "float", "AdamW eps"),
+    ("GRAD_CLIP_NORM", 0.3, "float", "gradient clipping norm (0: off)"),
+    ("EMA_ENABLED", True, "bool", "keep an EMA of the weights"),
+    ("EMA_DECAY", 0.997, "float", "EMA decay per step"),
+    ("SWA_ENABLED", False, "bool", "average snapshots late in training and apply the average instead of the EMA"),
+    ("SWA_EVERY", 50, "int", "SWA snapshot interval in steps"),
+    ("SWA_LR_THRESHOLD", 0.2, "float", "take SWA snapshots once the lr multiplier is below this"),
+    ("LATE_QAT_THRESHOLD", 0.15, "float", "int6 fake-quantised training once the lr multiplier is below this (0: off)"),
+    ("COMPILE", True, "bool", "torch.compile the model on CUDA"),
+    ("GPTQ_CALIB", "selfgen", "str", "GPTQ calibration data: selfgen (model-generated) or train (inside the time cap)"),
+    ("GPTQ_CALIB_BATCHES", 64, "int", "calibration sequences of TRAIN_SEQ_LEN tokens, all ranks together"),
+    ("GPTQ_TEMPERATURE", 0.8, "float", "sampling temperature of GPTQ_CALIB=selfgen"),
+    ("GPTQ_RESERVE_SECONDS", 20.0, "float", "seconds of the time cap kept for reading calibration batches (GPTQ_CALIB=train)"),
+    ("GPTQ_BLOCK", 128, "int", "GPTQ column block size"),
+    ("GPTQ_DAMP", 0.01, "float", "GPTQ damping as a fraction of the mean Hessian diagonal"),
+    ("TARGET_BYTES", 16000000, "int", "prune +-1 values until code + model fit in this many bytes (0: no pruning)"),
+    ("SIZE_LIMIT_BYTES", 16000000, "int", "hard limit on code + model bytes; the run fails above it"),
+    ("ARTIFACT", "", "str", "artifact path (default LOG_DIR/<RUN_ID>.int6.pgz); read by EVAL_ONLY=1"),
+    ("EVAL_ONLY", False, "bool", "skip training: load ARTIFACT and run the evaluations"),
+    ("EVAL_SEQ_LEN", 2048, "int", "evaluation window length"),
+    ("EVAL_STRIDE", 64, "int", "sliding-window stride"),
+    ("EVAL_BATCH", 32, "int", "windows per batch in plain and sliding evaluation"),
+    ("SLIDING_ENABLED", True, "bool", "run the sliding-window evaluation"),
+    ("SLOT_ENABLED", True, "bool", "run the SLOT evaluation"),
+    ("SLOT_MODE", "scored", "str", "scored (fit on the scored targets, as the seeds) or causal (fit on already-scored tokens only)"),
+    ("SLOT_DELTA", "window", "str", "window (delta and logit bias per window) or batch (one per batch)"),
+    ("SLOT_STEPS", 16, "int", "SLOT AdamW steps per batch"),
+    ("SLOT_LR", 0.008, "float", "SLOT lr at the first step (cosine schedule)"),
+    ("SLOT_LR_MIN", 0.0008, "float", "SLOT lr at the end of the schedule"),
+    ("SLOT_BATCH", 32, "int", "windows per SLOT batch"),
+    ("SWEEP_SLOT_MODE", [], "strs", "sweep grid: SLOT modes (any SWEEP_* set runs the sweep instead of the single SLOT eval)"),
+    ("SWEEP_SLOT_STEPS", [], "ints", "sweep grid: SLOT steps"),
+    ("SWEEP_SLOT_LR", [], "floats", "sweep grid: SLOT lr"),
+    ("SWEEP_SLOT_LR_MIN", [], "floats", "sweep grid: SLOT final lr"),
+    ("SWEEP_EVAL_STRIDE", [], "ints", "sweep grid: strides (hidden states are recomputed per stride)"),
+    ("AUTHOR", "Parameter Golf team", "str", "submission.json author"),
+    ("GITHUB_ID", "", "str", "submission.json github_id"),
+]
+ARCH_KEYS = ["VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_LEAKY_SLOPE",
+             "ROPE_DIMS", "ROPE_BASE", "QK_GAIN_INIT", "LOGIT_SOFTCAP", "XSA_LAST_N", "LN_SCALE", "BIGRAM_VOCAB_SIZE",
+             "BIGRAM_DIM", "SMEAR_ENABLED", "VE_ENABLED", "VE_DIM", "VE_LAYERS", "UNET_SKIPS", "SKIP_GATED",
+             "TIE_EMBEDDINGS", "TIED_EMBED_INIT_STD"]
+KIND_TEXT = {"int": "an integer", "float": "a number", "bool": "0 or 1", "ints": "comma-separated integers",
+             "floats": "comma-separated numbers", "strs": "comma-separated words", "str": "a string"}
+
+
+class ConfigError(Exception):
+    """A bad setting or input file; main() prints it as one line and exits 2."""
+
+
+def _parse(name, raw, default, kind):
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            if raw.strip() not in ("0", "1"):
+                raise ValueError
+            return raw.strip() == "1"
+        items = [x.strip() for x in raw.split(",") if x.strip()]
+        return {"ints": lambda: [int(x) for x in items], "floats": lambda: [float(x) for x in items],
+                "strs": lambda: items}.get(kind, lambda: raw)()
+    except ValueError:
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        raise ConfigError(f"{name}={raw!r} is not {KIND_TEXT[kind]}; fix: set {name} to {KIND_TEXT[kind]} "
+                          f"(default {shown})") from None
+
+
+class Settings:
+    def __init__(self, env=None):
+        env = os.environ if env is None else env
+        self.explicit = {n for n, *_ in SETTINGS if n in env}
+        for name, default, kind, _ in SETTINGS:
+            value = _parse(name, env[name], default, kind) if name in env else default
+            setattr(self, name.lower(), list(value) if isinstance(value, list) else value)
+        self.world_size = int(env.get("WORLD_SIZE", "1"))
+        if self.grad_accum_steps == 0:
+            self.grad_accum_steps = max(1, 8 // self.world_size)
+        self.validate()
+
+    def arch(self):
+        return {k: getattr(self, k.lower()) for k in ARCH_KEYS}
+
+    def sweep_grid(self):
+        if not any([self.sweep_slot_mode, self.sweep_slot_steps, self.sweep_slot_lr, self.sweep_slot_lr_min,
+                    self.sweep_eval_stride]):
+            return []
+        return [dict(mode=m, delta=self.slot_delta, steps=n, lr=lr, lr_min=lo, stride=s)
+                for s in self.sweep_eval_stride or [self.eval_stride]
+                for m in self.sweep_slot_mode or [self.slot_mode]
+                for n in self.sweep_slot_steps or [self.slot_steps]
+                for lr in self.sweep_slot_lr or [self.slot_lr]
+                for lo in self.sweep_slot_lr_min or [self.slot_lr_min]]
+
+    def validate(self):
+        def need(ok, name, why, fix):
+            if not ok:
+                raise ConfigError(f"{name}={getattr(self, name.lower())!r}: {why}; fix: {fix}")
+        positive = ["VOCAB_SIZE", "ITERATIONS", "TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN", "GRAD_ACCUM_STEPS", "NUM_LAYERS",
+                    "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_LOG_EVERY", "EVAL_SEQ_LEN",
+                    "EVAL_STRIDE", "EVAL_BATCH", "SLOT_BATCH", "MUON_BACKEND_STEPS", "SWA_EVERY", "GPTQ_BLOCK",
+                    "GPTQ_CALIB_BATCHES", "SIZE_LIMIT_BYTES", "BIGRAM_DIM", "VE_DIM", "ROPE_BASE", "LOGIT_SOFTCAP",
+                    "GPTQ_TEMPERATURE", "GPTQ_DAMP"]
+        for n in positive:
+            need(getattr(self, n.lower()) > 0, n, "must be > 0", f"set {n} to a positive value")
+        non_negative = ["WARMUP_STEPS", "WARMDOWN_ITERS", "MAX_WALLCLOCK_SECONDS", "VAL_LOSS_EVERY", "VAL_TOKENS",
+                        "ROPE_DIMS", "XSA_LAST_N", "BIGRAM_VOCAB_SIZE", "TIED_EMBED_LR", "HEAD_LR", "MATRIX_LR",
+                        "SCALAR_LR", "MUON_MOMENTUM_WARMUP_STEPS", "MUON_WD", "ADAM_WD", "GRAD_CLIP_NORM",
+                        "GPTQ_RESERVE_SECONDS", "TARGET_BYTES", "SLOT_STEPS", "SLOT_LR", "SLOT_LR_MIN",
+                        "TIED_EMBED_INIT_STD", "MLP_LEAKY_SLOPE"]
+        for n in non_negative:
+            need(getattr(self, n.lower()) >= 0, n, "must be >= 0", f"set {n} to 0 or more")
+        for n in ["MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY"]:
+            need(0 <= getattr(self, n.lower()) < 1, n, "must be in [0, 1)", f"set {n} to a value like the default")
+        for n in ["SWA_LR_THRESHOLD", "LATE_QAT_THRESHOLD"]:
+            need(0 <= getattr(self, n.lower()) <= 1, n, "must be in [0, 1]", f"set {n} between 0 and 1")
+        need(self.adam_eps > 0, "ADAM_EPS", "must be > 0", "set ADAM_EPS=1e-8")
+        need(self.model_dim % self.num_heads == 0, "MODEL_DIM", f"not divisible by NUM_HEADS={self.num_heads}",
+             "choose MODEL_DIM a multiple of NUM_HEADS")
+        need(self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS", f"does not divide NUM_HEADS={self.num_heads}",
+             "choose NUM_KV_HEADS dividing NUM_HEADS")
+        head_dim = self.model_dim // self.num_heads
+        need(head_dim % 2 == 0, "MODEL_DIM", f"head dim {head_dim} is odd", "make MODEL_DIM / NUM_HEADS even")
+        need(self.rope_dims % 2 == 0 and self.rope_dims <= head_dim, "ROPE_DIMS",
+             f"must be even and <= head dim {head_dim}", f"set ROPE_DIMS to an even number <= {head_dim}")
+        need(self.xsa_last_n <= self.num_layers, "XSA_LAST_N", f"exceeds NUM_LAYERS={self.num_layers}",
+             f"set XSA_LAST_N <= {self.num_layers}")
+        need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "needs at least 2 rows", "set 0 (off) or >= 2")
+        if self.ve_enabled:
+            need(bool(self.ve_layers) and all(0 <= i < self.num_layers for i in self.ve_layers)
+                 and len(set(self.ve_layers)) == len(self.ve_layers), "VE_LAYERS",
+                 f"needs distinct layer indices in [0, {self.num_layers})",
+                 f"e.g. VE_LAYERS={self.num_layers - 2},{self.num_layers - 1} or VE_ENABLED=0")
+        per_step = self.world_size * self.grad_accum_steps * self.train_seq_len
+        need(self.train_batch_tokens % per_step == 0, "TRAIN_BATCH_TOKENS",
+             f"not divisible by world {self.world_size} x accumulation {self.grad_accum_steps} x TRAIN_SEQ_LEN "
+             f"{self.train_seq_len} = {per_step}", f"use a multiple of {per_step}")
+        need(self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", f"exceeds EVAL_SEQ_LEN={self.eval_seq_len}",
+             "use a stride <= EVAL_SEQ_LEN")
+        need(self.slot_lr_min <= self.slot_lr, "SLOT_LR_MIN", f"exceeds SLOT_LR={self.slot_lr}",
+             "set SLOT_LR_MIN <= SLOT_LR")
+        for name, value, choices in [("SLOT_MODE", [self.slot_mode], ("scored", "causal")),
+                                     ("SWEEP_SLOT_MODE", self.sweep_slot_mode, ("scored", "causal")),
+                                     ("SLOT_DELTA", [self.slot_delta], ("window", "batch")),
+                                     ("GPTQ_CALIB", [self.gptq_calib], ("selfgen", "train"))]:
+            need(all(v in choices for v in value), name, f"must be one of {', '.join(choices)}",
+                 f"set {name}={choices[0]} or {name}={choices[1]}")
+        if self.slot_delta == "batch":
+            need("causal" not in [self.slot_mode] + self.sweep_slot_mode, "SLOT_DELTA",
+                 "a delta shared across a batch is fitted on windows whose context reaches past other windows' "
+                 "scored tokens, so SLOT_MODE=causal would leak", "use SLOT_DELTA=window with SLOT_MODE=causal")
+        for s in self.sweep_eval_stride:
+            need(0 < s <= self.eval_seq_len, "SWEEP_EVAL_STRIDE", f"stride {s} not in [1, EVAL_SEQ_LEN]",
+                 "list strides between 1 and EVAL_SEQ_LEN")
+        for n in ["SWEEP_SLOT_STEPS", "SWEEP_SLOT_LR", "SWEEP_SLOT_LR_MIN"]:
+            need(all(v >= 0 for v in getattr(self, n.lower())), n, "values must be >= 0", f"list values >= 0 in {n}")
+        if self.gptq_calib == "train" and self.max_wallclock_seconds > 0 and not self.eval_only:
+            need(self.gptq_reserve_seconds < self.max_wallclock_seconds, "GPTQ_RESERVE_SECONDS",
+                 "leaves no training time", "keep it well below MAX_WALLCLOCK_SECONDS")
+        if self.eval_only:
+            need(bool(self.artifact) and Path(self.artifact).is_file(), "ARTIFACT",
+                 "EVAL_ONLY=1 needs an existing artifact file", "set ARTIFACT=<path of a .pgz written by a run>")
+
+
+def warn_env_typos(env=None):
+    """Names our own env vars nearly match but don't (SLOT_STPES), with the closest real one."""
+    env = os.environ if env is None else env
+    known = [n for n, *_ in SETTINGS]
+    out = []
+    for key in sorted(env):
+        if key in known or not key.isupper():
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        if close:
+            out.append(f"warning: env var {key} is not a setting of train_gpt.py; did you mean {close[0]}?")
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+BOS_ID = 1
+
+
+def shard_token_count(path):
+    """Checks a shard's header against its size; returns its token count."""
+    size = os.path.getsize(path)
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header.size < HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        got = f"magic {header[0]} version {header[1]}" if header.size >= 2 else f"only {size} bytes"
+        raise ConfigError(f"shard {path}: bad header ({got}; expected magic {SHARD_MAGIC} version {SHARD_VERSION}); "
+                          "fix: re-download it with `bash run.sh data`")
+    expected = HEADER_INTS * 4 + 2 * int(header[2])
+    if size != expected:
+        raise ConfigError(f"shard {path}: header declares {int(header[2])} tokens ({expected} bytes) but the file has "
+                          f"{size} bytes (truncated or corrupt); fix: re-download it with `bash run.sh data`")
+    return int(header[2])
+
+
+def load_shard(path):
+    return np.fromfile(path, dtype="<u2", offset=HEADER_INTS * 4)
+
+
+def find_shards(data_path, split):
+    if not Path(data_path).is_dir():
+        raise ConfigError(f"DATA_PATH={data_path!r} is not a folder; fix: download the data with `bash run.sh data` "
+                          "or point DATA_PATH at a folder of fineweb_*.bin shards")
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    if not files:
+        raise ConfigError(f"DATA_PATH={data_path!r} holds no fineweb_{split}_*.bin shards; fix: `bash run.sh data` "
+                          "or point DATA_PATH at the shard folder")
+    for f in files:
+        shard_token_count(f)
+    return files
+
+
+class TrainLoader:
+    """Reads the train shards in order; each call takes one global micro-batch and keeps this rank's slice."""
+
+    def __init__(self, files, rank, world, device):
+        self.files, self.rank, self.world, self.device = files, rank, world, device
+        self.reset()
+
+    def reset(self):
+        self.file_idx, self.pos, self.tokens = 0, 0, load_shard(self.files[0])
+
+    def _take(self, n):
+        parts = []
+        while n > 0:
+            if self.pos == len(self.tokens):
+                self.file_idx = (self.file_idx + 1) % len(self.files)
+                self.pos, self.tokens = 0, load_shard(self.files[self.file_idx])
+            k = min(n, len(self.tokens) - self.pos)
+            parts.append(self.tokens[self.pos:self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return np.concatenate(parts)
+
+    def next_batch(self, local_tokens, seq_len):
+        span = local_tokens + 1
+        local = self._take(span * self.world)[self.rank * span:(self.rank + 1) * span]
+        t = torch.from_numpy(local.astype(np.int64))
+        if self.device.type == "cuda":
+            t = t.pin_memory().to(self.device, non_blocking=True)  # overlaps the copy with queued compute
+        return t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)
+
+
+def load_tokenizer(path, vocab_size):
+    import sentencepiece as spm
+    if not Path(path).is_file():
+        raise ConfigError(f"TOKENIZER_PATH={path!r} does not exist; fix: `bash run.sh data` or point TOKENIZER_PATH "
+                          "at the .model file")
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    if sp.vocab_size() != vocab_size:
+        raise ConfigError(f"TOKENIZER_PATH={path!r} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; "
+                          "fix: set VOCAB_SIZE to the tokenizer's size or use the matching tokenizer")
+    return sp
+
+
+def byte_tables(sp, vocab_size):
+    """Per-id UTF-8 length without the leading '▁', has-leading-'▁', and boundary flags (SPEC section 3)."""
+    base = np.zeros(vocab_size, dtype=np.int16)
+    space = np.zeros(vocab_size, dtype=bool)
+    boundary = np.ones(vocab_size, dtype=bool)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return base, space, boundary
+
+
+def target_bytes(tokens, tables):
+    """Byte count of each target tokens[1:] given its previous token."""
+    base, space, boundary = tables
+    prev, tgt = tokens[:-1].astype(np.int64), tokens[1:].astype(np.int64)
+    return base[tgt] + (space[tgt] & ~boundary[prev])
+
+
+def load_val(files, limit):
+    tokens = np.concatenate([load_shard(f) for f in files])
+    return tokens[:limit] if limit else tokens
+
+
+# ----------------------------------------------------------------------------- model
+
+def rms_norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def fake_quant_int6(w):
+    """Per-row int6 round trip (scale = row max / 31) with a straight-through gradient."""
+    scale = w.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 31.0
+    q = torch.clamp(torch.round(w.detach() / scale), -31, 31) * scale
+    return w + (q - w).detach()
+
+
+class CastedLinear(nn.Linear):
+    """fp32 master weight cast to the activation dtype; block matrices train through int6 once late QAT starts."""
+    qat = False
+
+    def __init__(self, n_in, n_out, quantized=False):
+        super().__init__(n_in, n_out, bias=False)
+        self.quantized = quantized
+
+    def forward(self, x):
+        w = fake_quant_int6(self.weight) if (self.quantized and CastedLinear.qat) else self.weight
+        return F.linear(x, w.to(x.dtype))
+
+
+def _attention_kernel():
+    with contextlib.suppress(ImportError):
+        from flash_attn_interface import flash_attn_func
+        return "flash-attn-3", flash_attn_func
+    with contextlib.suppress(ImportError):
+        from flash_attn import flash_attn_func
+        return "flash-attn-2", flash_attn_func
+    return "sdpa", None
+
+
+ATTN_NAME, ATTN_FN = _attention_kernel()
+
+
+def causal_attention(q, k, v):
+    """q [B,T,H,D], k/v [B,T,KV,D]; GQA without repeating K/V."""
+    if ATTN_FN is not None and q.is_cuda:
+        out = ATTN_FN(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
+def apply_rope(x, cos, sin, dims):
+    """Rotates the first `dims` channels of each head (half-split pairs); the rest pass through."""
+    if dims == 0:
+        return x
+    a, b, rest = x[..., :dims // 2], x[..., dims // 2:dims], x[..., dims:]
+    return torch.cat([a * cos - b * sin, a * sin + b * cos, rest], dim=-1)
+
+
+def xsa(y, v):
+    """Exclusive self-attention: drop from each head's output its component along its own
+    (normalised) value vector at the same position; heads of one GQA group share that v."""
+    B, T, H, D = y.shape
+    kv = v.size(2)
+    yg = y.view(B, T, kv, H // kv, D)
+    vn = F.normalize(v, dim=-1).unsqueeze(3)
+    return (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, c, layer):
+        super().__init__()
+        d, self.h, self.kv = c["MODEL_DIM"], c["NUM_HEADS"], c["NUM_KV_HEADS"]
+        self.hd, self.rope_dims = d // self.h, c["ROPE_DIMS"]
+        self.q = CastedLinear(d, d, quantized=True)
+        self.k = CastedLinear(d, self.kv * self.hd, quantized=True)
+        self.v = CastedLinear(d, self.kv * self.hd, quantized=True)
+        self.proj = CastedLinear(d, d, quantized=True)
+        self.q_gain = nn.Parameter(torch.full((self.h,), float(c["QK_GAIN_INIT"])))
+        self.use_xsa = layer >= c["NUM_LAYERS"] - c["XSA_LAST_N"]
+
+    def forward(self, x, cos, sin, ve):
+        B, T, _ = x.shape
+        v = self.v(x)
+        if ve is not None:
+            v = v + ve.to(v.dtype)
+        q = rms_norm(self.q(x).view(B, T, self.h, self.hd))
+        k = rms_norm(self.k(x).view(B, T, self.kv, self.hd))
+        q = apply_rope(q, cos, sin, self.rope_dims) * self.q_gain.to(q.dtype)[:, None]
+        k = apply_rope(k, cos, sin, self.rope_dims)
+        v = v.view(B, T, self.kv, self.hd)
+        y = causal_attention(q.to(v.dtype), k.to(v.dtype), v)
+        if self.use_xsa:
+            y = xsa(y, v)
+        return self.proj(y.reshape(B, T, self.h * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        d = c["MODEL_DIM"]
+        self.fc = CastedLinear(d, c["MLP_MULT"] * d, quantized=True)
+        self.proj = CastedLinear(c["MLP_MULT"] * d, d, quantized=True)
+        self.slope = c["MLP_LEAKY_SLOPE"]
+
+    def forward(self, x):
+        return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
+
+
+class Block(nn.Module):
+    def __init__(self, c, layer):
+        super().__init__()
+        d = c["MODEL_DIM"]
+        self.attn, self.mlp = Attention(c, layer), MLP(c)
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
+        self.in_scale = 1.0 / math.sqrt(layer + 1) if c["LN_SCALE"] else 1.0
+
+    def forward(self, x, x0, cos, sin, ve):
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.in_scale, cos, sin, ve)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.in_scale)
+
+
+def bigram_rows(ids, rows):
+    """Hash of (previous, current) token; position 0 has no previous token and uses the last row."""
+    h = torch.bitwise_xor(36313 * ids[:, 1:], 27191 * ids[:, :-1]) % (rows - 1)
+    return torch.cat([torch.full_like(ids[:, :1], rows - 1), h], dim=1)
+
+
+class BigramHash(nn.Module):
+    def __init__(self, rows, dim, d):
+        super().__init__()
+        self.rows = rows
+        self.embed = nn.Embedding(rows, dim)
+        self.proj = CastedLinear(dim, d)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, ids):
+        return self.proj(self.embed(bigram_rows(ids, self.rows))) * self.scale
+
+
+class SmearGate(nn.Module):
+    """x_t <- (1 - s) x_t + s x_{t-1}, s = sigmoid(gate) per channel."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        s = torch.sigmoid(self.gate).to(x.dtype)
+        return (1 - s) * x + s * F.pad(x[:, :-1], (0, 0, 1, 0))
+
+
+class ValueEmbedding(nn.Module):
+    def __init__(self, vocab, dim, kv_dim, n_layers):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.proj = CastedLinear(dim, kv_dim)
+        self.scale = nn.Parameter(torch.tensor(0.1))
+        self.layer_scales = nn.Parameter(torch.ones(n_layers))
+
+    def forward(self, ids):
+        return self.proj(self.embed(ids)) * self.scale
+
+
+class GPT(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c = dict(c)
+        V, d, L = c["VOCAB_SIZE"], c["MODEL_DIM"], c["NUM_LAYERS"]
+        self.softcap, self.rope_dims = c["LOGIT_SOFTCAP"], c["ROPE_DIMS"]
+        self.tok_emb = nn.Embedding(V, d)
+        self.bigram = BigramHash(c["BIGRAM_VOCAB_SIZE"], c["BIGRAM_DIM"], d) if c["BIGRAM_VOCAB_SIZE"] else None
+        self.smear = SmearGate(d) if c["SMEAR_ENABLED"] else None
+        self.blocks = nn.ModuleList(Block(c, i) for i in range(L))
+        # U-Net: the first L//2 blocks push their outputs; the next ones pop them in reverse order
+        self.n_enc = L // 2 if c["UNET_SKIPS"] else 0
+        n_skip = min(self.n_enc, L - self.n_enc)
+        self.skip_weights = nn.Parameter(torch.ones(n_skip, d)) if n_skip else None
+        self.skip_gates = nn.Parameter(torch.zeros(n_skip, d)) if n_skip and c["SKIP_GATED"] else None
+        kv_dim = c["NUM_KV_HEADS"] * (d // c["NUM_HEADS"])
+        self.ve_layers = list(c["VE_LAYERS"]) if c["VE_ENABLED"] else []
+        self.ve = ValueEmbedding(V, c["VE_DIM"], kv_dim, len(self.ve_layers)) if self.ve_layers else None
+        self.lm_head = None if c["TIE_EMBEDDINGS"] else CastedLinear(d, V)
+        half = self.rope_dims // 2
+        self.register_buffer("inv_freq", 1.0 / c["ROPE_BASE"] ** (torch.arange(half) / max(half, 1)), persistent=False)
+        self._init_weights(c["TIED_EMBED_INIT_STD"])
+
+    @torch.no_grad()
+    def _init_weights(self, emb_std):
+        nn.init.normal_(self.tok_emb.weight, std=emb_std)
+        for name, m in self.named_modules():
+            if not isinstance(m, nn.Linear):
+                continue
+            if name.endswith(("attn.proj", "mlp.proj")) or name in ("ve.proj", "lm_head"):
+                nn.init.zeros_(m.weight)  # output projections start at zero: each block begins as identity
+            elif min(m.weight.shape) >= 64:
+                nn.init.orthogonal_(m.weight)
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.embed.weight)
+            # the table starts at zero, so its projection must not: a zero pair never receives a gradient
+            self.bigram.proj.weight.mul_(1.0 / math.sqrt(2 * len(self.blocks)))
+        if self.ve is not None:
+            nn.init.normal_(self.ve.embed.weight, std=0.01)
+
+    def head_weight(self):
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward_hidden(self, ids):
+        """Final hidden states (after the final norm), [B, T, d]."""
+        x = self.tok_emb(ids)
+        if self.bigram is not None:
+            x = x + self.bigram(ids).to(x.dtype)
+        x = rms_norm(x)
+        if self.smear is not None:
+            x = self.smear(x)
+        x0 = x
+        t = torch.arange(ids.size(1), device=ids.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)[None, :, None, :]
+        cos, sin = freqs.cos(), freqs.sin()
+        ve = self.ve(ids) if self.ve is not None else None
+        skips = []
+        for i, block in enumerate(self.blocks):
+            k = i - self.n_enc
+            if self.skip_weights is not None and 0 <= k < len(self.skip_weights):
+                s = self.skip_weights[k].to(x.dtype) * skips.pop()
+                x = x + s if self.skip_gates is None else torch.lerp(x, s, torch.sigmoid(self.skip_gates[k]).to(x.dtype))
+            ve_i = ve * self.ve.layer_scales[self.ve_layers.index(i)].to(ve.dtype) if i in self.ve_layers else None
+            x = block(x, x0, cos, sin, ve_i)
+            if i < self.n_enc:
+                skips.append(x)
+        return rms_norm(x)
+
+    def logits(self, h, bias=None):
+        """Soft-capped logits of hidden states h [..., d]; an optional additive bias enters before the cap."""
+        z = F.linear(h, self.head_weight().to(h.dtype))
+        if bias is not None:
+            z = z + bias
+        return self.softcap * torch.tanh(z / self.softcap)
+
+    def forward(self, ids, targets):
+        z = self.logits(self.forward_hidden(ids)).float()
+        return F.cross_entropy(z.reshape(-1, z.size(-1)), targets.reshape(-1))
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def newton_schulz(g, steps):
+    """Quintic Newton-Schulz iteration in bf16: pushes every singular value of each matrix in g [..., r, c]
+    towards 1, i.e. approximately orthogonalises it."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = x @ x.mT
+        x = a * x + (b * A + c * A @ A) @ x
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, then Newton-Schulz. Matrices of one shape form a bank orthogonalised as one batch;
+    each rank takes its share of every bank and a single all-reduce hands the updates to all ranks."""
+
+    def __init__(self, params, lr, momentum, backend_steps, weight_decay, rank=0, world=1):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                            weight_decay=weight_decay))
+        self.rank, self.world = rank, world
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            banks = {}
+            for p in group["params"]:
+                banks.setdefault(tuple(p.shape), []).append(p)
+            updates = []
+            for ps in banks.values():
+                share = -(-len(ps) // self.world)
+                lo = self.rank * share
+                mine = ps[lo:lo + share]
+                dtype = torch.bfloat16 if ps[0].is_cuda else torch.float32  # gloo has no bf16 sum
+                u = torch.zeros((len(ps),) + ps[0].shape, dtype=dtype, device=ps[0].device)
+                if mine:
+                    g = torch.stack([self._nesterov(p, group["momentum"]) for p in mine])
+                    rows, cols = g.shape[-2:]
+                    u[lo:lo + len(mine)] = newton_schulz(g, group["backend_steps"]) * max(1.0, rows / cols) ** 0.5
+                updates.append(u)
+            if self.world > 1:
+                flat = torch.cat([u.view(-1) for u in updates])
+                dist.all_reduce(flat)
+                updates = [f.view_as(u) for f, u in zip(flat.split([u.numel() for u in updates]), updates)]
+            lr, wd = group["lr"], group["weight_decay"]
+            for ps, u in zip(banks.values(), updates):
+                for p, upd in zip(ps, u):
+                    p.mul_(1 - lr * wd)
+                    p.add_(upd.to(p.dtype), alpha=-lr)
+
+    def _nesterov(self, p, momentum):
+        state = self.state[p]
+        if "buf" not in state:
+            state["buf"] = torch.zeros_like(p.grad)
+        buf = state["buf"].mul_(momentum).add_(p.grad)
+        return p.grad.add(buf, alpha=momentum)
+
+
+def build_optimizers(model, a, rank, world):
+    """Muon: the 2-D block matrices plus the bigram and value-embedding projections. AdamW: embedding tables,
+    the untied head, and every vector and scalar (gains, scales, mixes, skip weights, gates)."""
+    matrices = {id(m.weight) for n, m in model.named_modules() if isinstance(m, CastedLinear) and n != "lm_head"}
+    tables = {id(m.weight) for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    groups = {"matrix": [], "table": [], "head": [], "scalar": []}
+    for name, p in model.named_parameters():
+        kind = ("head" if name == "lm_head.weight" else "matrix" if id(p) in matrices
+                else "table" if id(p) in tables else "scalar")
+        groups[kind].append(p)
+    adam_groups = [dict(params=groups["table"], lr=a.tied_embed_lr), dict(params=groups["scalar"], lr=a.scalar_lr),
+                   dict(params=groups["head"], lr=a.head_lr)]
+    adam = torch.optim.AdamW([g for g in adam_groups if g["params"]], betas=(a.beta1, a.beta2), eps=a.adam_eps,
+                             weight_decay=a.adam_wd, fused=next(model.parameters()).is_cuda)
+    muon = Muon(groups["matrix"], a.matrix_lr, a.muon_momentum, a.muon_backend_steps, a.muon_wd, rank, world)
+    for opt in (adam, muon):
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return adam, muon
+
+
+def lr_multiplier(step, elapsed_ms, a, budget_ms):
+    """1 until the warm-down, then linear to 0. With a time cap the warm-down is time-based: it starts once the
+    remaining time is below WARMDOWN_ITERS mean step times."""
+    if a.warmdown_iters == 0:
+        return 1.0
+    if budget_ms > 0:
+        warmdown_ms = a.warmdown_iters * elapsed_ms / max(step, 1)
+        remaining = max(budget_ms - elapsed_ms, 0.0)
+        return remaining / warmdown_ms if remaining < warmdown_ms else 1.0
+    return min(1.0, max(a.iterations - step, 0) / a.warmdown_iters)
+
+
+class WeightAverage:
+    """fp32 EMA (decay d) or SWA (plain running mean) of the parameters, updated with foreach ops."""
+
+    def __init__(self, params, decay=None):
+        self.params, self.decay, self.count = list(params), decay, 0
+        self.avg = [p.detach().float().clone() if decay else torch.zeros_like(p, dtype=torch.float32)
+                    for p in self.params]
+
+    @torch.no_grad()
+    def update(self):
+        current = [p.detach().float() for p in self.params]
+        self.count += 1
+        if self.decay:
+            torch._foreach_lerp_(self.avg, current, 1.0 - self.decay)
+        else:
+            torch._foreach_lerp_(self.avg, current, 1.0 / self.count)
+
+    @torch.no_grad()
+    def apply(self):
+        for p, v in zip(self.params, self.avg):
+            p.copy_(v)
+
+
+# ----------------------------------------------------------------------------- training
+
+class Ctx:
+    """Process-group facts plus the run log (rank 0 writes logs/<RUN_ID>.txt as lines happen)."""
+
+    def __init__(self, rank, world, local_rank, device, log_path=None):
+        self.rank, self.world, self.local_rank, self.device = rank, world, local_rank, device
+        self.main = rank == 0
+        self.log_file = open(log_path, "a", encoding="utf-8") if (self.main and log_path) else None
+
+    def log(self, msg):
+        if self.main:
+            print(msg, flush=True)
+            if self.log_file:
+                self.log_file.write(msg + "\n")
+                self.log_file.flush()
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def all_reduce(self, t, op=None):
+        if self.world > 1:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def train(a, ctx, model, train_files, val):
+    """Runs the training loop; returns (steps, train_ms). Leaves the final weights (SWA, EMA or raw) in model."""
+    loader = TrainLoader(train_files, ctx.rank, ctx.world, ctx.device)
+    compiled = torch.compile(model, dynamic=False, fullgraph=True) if ctx.device.type == "cuda" and a.compile else model
+    net = compiled
+    if ctx.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(compiled, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+                  broadcast_buffers=False, gradient_as_bucket_view=True)
+    adam, muon = build_optimizers(model, a, ctx.rank, ctx.world)
+    local_tokens = a.train_batch_tokens // (ctx.world * a.grad_accum_steps)
+    params = list(model.parameters())
+
+    def step_fn(step, mul):
+        for opt in (adam, muon):
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * mul
+        frac = min(step / a.muon_momentum_warmup_steps, 1.0) if a.muon_momentum_warmup_steps else 1.0
+        muon.param_groups[0]["momentum"] = (1 - frac) * a.muon_momentum_warmup_start + frac * a.muon_momentum
+        total = torch.zeros((), device=ctx.device)
+        for micro in range(a.grad_accum_steps):
+            x, y = loader.next_batch(local_tokens, a.train_seq_len)
+            no_sync = ctx.world > 1 and micro < a.grad_accum_steps - 1
+            with (net.no_sync() if no_sync else contextlib.nullcontext()), ctx.autocast():
+                loss = net(x, y)
+            (loss / a.grad_accum_steps).backward()
+            total += loss.detach()
+        if a.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, a.grad_clip_norm, foreach=True)
+        adam.step()
+        muon.step()
+        model.zero_grad(set_to_none=True)
+        return total / a.grad_accum_steps
+
+    if a.warmup_steps:
+        t = time.perf_counter()
+        saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        saved_opt = [adam.state_dict(), muon.state_dict()]
+        for i in range(a.warmup_steps):
+            # the last warm-up step also compiles the late-QAT graph, so switching it on later costs no time
+            CastedLinear.qat = a.late_qat_threshold > 0 and i == a.warmup_steps - 1
+            step_fn(0, 1.0)
+        CastedLinear.qat = False
+        model.load_state_dict(saved)
+        adam.load_state_dict(saved_opt[0])
+        muon.load_state_dict(saved_opt[1])
+        muon.state.clear()
+        loader.reset()
+        ctx.sync()
+        ctx.log(f"warmup: {a.warmup_steps} steps in {time.perf_counter() - t:.1f}s; weights and optimizer restored")
+
+    reserve = a.gptq_reserve_seconds if a.gptq_calib == "train" else 0.0
+    budget_ms = 1000.0 * (a.max_wallclock_seconds - reserve) if a.max_wallclock_seconds > 0 else 0.0
+    ctx.log(f"train_budget: {budget_ms / 1000:.1f}s of MAX_WALLCLOCK_SECONDS={a.max_wallclock_seconds:g} "
+            f"(GPTQ calibration reserve {reserve:g}s)")
+    ema = WeightAverage(params, a.ema_decay) if a.ema_enabled else None
+    swa = WeightAverage(params) if a.swa_enabled else None
+    step, train_ms, stop = 0, 0.0, False
+    ctx.sync()
+    t0 = time.perf_counter()
+    while step < a.iterations and not stop:
+        if a.val_loss_every and step and step % a.val_loss_every == 0:
+            ctx.sync()
+            train_ms += 1000 * (time.perf_counter() - t0)
+            vl, vb, _ = evaluate(ctx, model, val, a.eval_seq_len, a.eval_seq_len, a.eval_batch)[0]
+            ctx.log(f"step:{step}/{a.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{train_ms:.0f}ms "
+                    f"step_avg:{train_ms / step:.2f}ms")
+            t0 = time.perf_counter()
+        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        mul = lr_multiplier(step, elapsed, a, budget_ms)
+        if a.late_qat_threshold > 0 and not CastedLinear.qat and mul < a.late_qat_threshold:
+            CastedLinear.qat = True
+            ctx.log(f"late_qat: int6 fake quantisation on at step {step} (lr multiplier {mul:.3f})")
+        loss = step_fn(step, mul)
+        step += 1
+        if ema:
+            ema.update()
+        if swa and mul < a.swa_lr_threshold and step % a.swa_every == 0:
+            swa.update()
+        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        if step % a.train_log_every == 0 or step <= 5:
+            loss = ctx.all_reduce(loss.clone()) / ctx.world
+            ctx.log(f"step:{step}/{a.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
+                    f"step_avg:{elapsed / step:.2f}ms")
+        if budget_ms:
+            flag = ctx.all_reduce(torch.tensor(float(elapsed >= budget_ms), device=ctx.device), dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+    ctx.sync()
+    train_ms += 1000 * (time.perf_counter() - t0)
+    CastedLinear.qat = False
+    tokens = step * a.train_batch_tokens
+    ctx.log(f"train_done: steps:{step} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms "
+            f"tokens_per_s:{tokens / max(train_ms, 1e-9) * 1000:.0f} per_rank:"
+            f"{tokens / ctx.world / max(train_ms, 1e-9) * 1000:.0f}")
+    if ctx.device.type == "cuda":
+        ctx.log(f"peak_memory: allocated:{torch.cuda.max_memory_allocated() / 2**30:.2f}GiB "
+                f"reserved:{torch.cuda.max_memory_reserved() / 2**30:.2f}GiB")
+    if swa and swa.count:
+        swa.apply()
+        ctx.log(f"final_weights: swa (mean of {swa.count} snapshots every {a.swa_every} steps; EMA not applied)")
+    elif ema:
+        ema.apply()
+        why = " (SWA_ENABLED=1 but no snapshot was taken)" if swa else ""
+        ctx.log(f"final_weights: ema (decay {a.ema_decay}){why}")
+    else:
+        ctx.log("final_weights: raw (EMA_ENABLED=0, SWA_ENABLED=0)")
+    return step, train_ms, loader
+
+
+# ----------------------------------------------------------------------------- export: GPTQ
+
+CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+
+
+def quant_kind(name, t):
+    """int6 GPTQ for attention/MLP matrices, int8 rows for large tables, fp16 for small matrices, fp32 for
+    control vectors and scalars."""
+    if name.startswith("blocks.") and name.endswith(".weight") and t.ndim == 2:
+        return "int6"
+    if name.endswith(".weight") and t.ndim == 2:
+        return "int8" if t.numel() > 65536 else "fp16"
+    return "fp32"
+
+
+def quantize_rows(w, qmax, amax=None):
+    """Round-to-nearest per-row quantisation: int8 values in [-qmax, qmax] and fp16 scales (row max / qmax)."""
+    amax = w.abs().amax(dim=1) if amax is None else amax
+    scale = (amax.float() / qmax).clamp_min(1e-7).half()
+    q = torch.clamp(torch.round(w.float() / scale.float()[:, None]), -qmax, qmax)
+    return q.to(torch.int8), scale
+
+
+def _gptq_columns(w, U, s, block, qmax):
+    """GPTQ sweep over columns: quantise one column, spread its error over the later ones via the inverse
+    Hessian's Cholesky factor U (lazy block updates). Rows are independent, so row-stacked variants share U."""
+    w, q, n = w.clone(), torch.zeros_like(w), w.size(1)
+    for i in range(0, n, block):
+        j2 = min(i + block, n)
+        wb, Ub = w[:, i:j2].clone(), U[i:j2, i:j2]
+        err = torch.zeros_like(wb)
+        for j in range(j2 - i):
+            qc = torch.clamp(torch.round(wb[:, j] / s), -qmax, qmax)
+            q[:, i + j] = qc
+            e = (wb[:, j] - qc * s) / Ub[j, j]
+            wb[:, j:] -= e[:, None] * Ub[j, j:][None, :]
+            err[:, j] = e
+        w[:, j2:] -= err @ U[i:j2, j2:]
+    return q
+
+
+def gptq_quantize(w, H, block=128, damp=0.01, qmax=31):
+    """Full-Hessian GPTQ of w [out, in] with H = X^T X of its inputs. Columns go in order of decreasing H
+    diagonal; each row keeps the clip percentile whose result has the least output error (dW H dW^T)."""
+    w, H = w.float().clone(), H.float().clone()
+    n = w.size(1)
+    dead = H.diag() == 0
+    H[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    H += damp * H.diag().mean() * torch.eye(n, device=H.device)
+    perm = torch.argsort(H.diag(), descending=True)
+    wp, Hp = w[:, perm], H[perm][:, perm]
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True)
+    a = wp.abs()
+    scales = torch.stack([quantize_rows(wp, qmax, a.amax(1) if p >= 1 else torch.quantile(a, p, dim=1))[1]
+                          for p in CLIP_PERCENTILES])  # [P, out]
+    q = _gptq_columns(wp.repeat(len(CLIP_PERCENTILES), 1), U, scales.float().view(-1), block, qmax)
+    q = q.view(len(CLIP_PERCENTILES), *wp.shape)
+    d = wp[None] - q * scales.float()[..., None]
+    best = ((d @ Hp) * d).sum(-1).argmin(0)  # [out]
+    rows = torch.arange(w.size(0), device=w.device)
+    return q[best, rows][:, torch.argsort(perm)].to(torch.int8), scales[best, rows]
+
+
+@torch.no_grad()
+def collect_hessians(ctx, model, batches):
+    """H = X^T X of the inputs of every int6 matrix over the calibration batches, summed over ranks."""
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, CastedLinear) and m.quantized}
+    H = {n: torch.zeros(m.in_features, m.in_features, device=ctx.device) for n, m in mods.items()}
+
+    def hook(name):
+        def f(_, inp, __):
+            x = inp[0].detach().reshape(-1, inp[0].size(-1)).float()
+            H[name].addmm_(x.T, x)
+        return f
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    for x in batches:
+        with ctx.autocast():
+            model.forward_hidden(x)
+    for h in handles:
+        h.remove()
+    return {n + ".weight": ctx.all_reduce(t) for n, t in H.items()}
+
+
+@torch.no_grad()
+def self_generate(ctx, model, n_seqs, seq_len, temperature, seed):
+    """Calibration text sampled from the trained model itself: no training data is read after the cap."""
+    gen = torch.Generator(device=ctx.device).manual_seed(seed + ctx.rank)
+    seq = torch.full((n_seqs, 1), BOS_ID, dtype=torch.long, device=ctx.device)
+    for _ in range(seq_len - 1):
+        with ctx.autocast():
+            h = model.forward_hidden(seq)[:, -1]
+        p = torch.softmax(model.logits(h).float() / temperature, dim=-1)
+        seq = torch.cat([seq, torch.multinomial(p, 1, generator=gen)], dim=1)
+    return seq
+
+
+def quantize_state(state, hessians, block, damp):
+    """Returns [(key, kind, np.ndarray)] for the artifact and, per int6 tensor, its H diagonal (pruning cost)."""
+    tensors, hdiag = [], {}
+    for name, t in state.items():
+        kind = quant_kind(name, t)
+        if kind == "int6":
+            q, s = gptq_quantize(t, hessians[name], block, damp)
+            hdiag[name] = hessians[name].diag().float().cpu()
+        elif kind == "int8":
+            q, s = quantize_rows(t, 127)
+        if kind in ("int6", "int8"):
+            tensors += [(name + "#q", kind, q.cpu().numpy()), (name + "#scale", "fp16", s.cpu().numpy())]
+        else:
+            tensors.append((name, kind, t.detach().float().cpu().numpy().astype(np.float16 if kind == "fp16"
+                                                                                else np.float32)))
+    return tensors, hdiag
+
+
+def dequantize(arrays):
+    """Artifact arrays -> float32 state dict."""
+    state = {}
+    for key, a in arrays.items():
+        if key.endswith("#q"):
+            name = key[:-2]
+            state[name] = torch.from_numpy(a.astype(np.float32)) * torch.from_numpy(
+                arrays[name + "#scale"].astype(np.float32))[:, None]
+        elif not key.endswith("#scale"):
+            state[key] = torch.from_numpy(a.astype(np.float32))
+    return state
+
+
+def prune_ones(tensors, hdiag, size_of, target, log):
+    """Zeroes the +-1 int6 values of least reconstruction cost (scale^2 * H_jj) until size_of(tensors) <= target."""
+    arrays = {k: a for k, _, a in tensors}
+    names, flat_idx, costs = [], [], []
+    for name, h in hdiag.items():
+        q, s = arrays[name + "#q"], arrays[name + "#scale"].astype(np.float64)
+        rows, cols = np.nonzero(np.abs(q) == 1)
+        names.append(np.full(len(rows), len(names)))
+        flat_idx.append(rows * q.shape[1] + cols)
+        costs.append(s[rows] ** 2 * h.numpy()[cols])
+    tensor_of, flat_idx = np.concatenate(names), np.concatenate(flat_idx)
+    order = np.argsort(np.concatenate(costs), kind="stable")
+    keys = [n + "#q" for n in hdiag]
+
+    def pruned(k):
+        out = {key: arrays[key].copy() for key in keys}
+        for i, key in enumerate(keys):
+            sel = order[:k][tensor_of[order[:k]] == i]
+            out[key].reshape(-1)[flat_idx[sel]] = 0
+        return [(key, kind, out.get(key, a)) for key, kind, a in tensors]
+
+    lo, hi = 0, len(order)
+    if size_of(pruned(hi)) > target:
+        raise ConfigError(f"TARGET_BYTES={target}: the artifact does not fit even with all {hi} +-1 values pruned; "
+                          "fix: raise TARGET_BYTES or shrink the model")
+    while hi - lo > max(1, len(order) // 2000):  # a 0.05% tolerance saves half of the compressor calls
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if size_of(pruned(mid)) <= target else (mid + 1, hi)
+    log(f"prune: zeroed {hi} of {len(order)} +-1 int6 values (least scale^2*H_jj first) to fit {target} bytes")
+    return pruned(hi)
+
+
+# ----------------------------------------------------------------------------- export: entropy coder
+
+RANS_PROB_BITS, RANS_L = 15, 1 << 16
+RANS_M = 1 << RANS_PROB_BITS
+# One renormalisation per symbol per lane suffices both ways: encoding keeps x in [2^16, 2^32) and emits a 16-bit
+# word iff x >= f << 17, after which x >> 16 < 2^16 <= f << 17; decoding restores the pre-encode state, which is
+# below 2^16 exactly when the encoder emitted, so one 16-bit read brings it back into range.
+
+
+def _rans_freqs(counts):
+    """Counts -> integer frequencies summing to RANS_M, >= 1 for every present symbol, minimising the coded size
+    sum(c * -log2(f / M)) by greedy unit moves (optimal: the cost is separable and convex in each f)."""
+    c, live = counts.astype(np.float64), counts > 0
+    f = np.where(live, np.maximum(1, np.round(c * RANS_M / c.sum())), 0).astype(np.int64)
+    while True:
+        ff = np.maximum(f, 1).astype(np.float64)
+        gain = np.where(live, c * np.log2((ff + 1) / ff), -np.inf)
+        cost = np.where(f > 1, c * np.log2(ff / np.maximum(ff - 1, 1)), np.inf)
+        d = int(f.sum()) - RANS_M
+        if d < 0:
+            f[np.argmax(gain)] += 1
+        elif d > 0:
+            f[np.argmin(cost)] -= 1
+        elif gain.max() > cost.min() + 1e-9:
+            f[np.argmax(gain)] += 1
+            f[np.argmin(cost)] -= 1
+        else:
+            return f
+
+
+def rans_encode(sym, seg_lens):
+    """Interleaved static rANS of an int8 stream; every segment (tensor) has its own order-0 table. Position i
+    belongs to lane i % L of step i // L, so each step is one vectorised numpy operation over the lanes.
+    Layout: "rAN1" u32 lanes u64 n_words | i8 (lo, hi) per segment | u16 freqs | u32 lane states | u16 words."""
+    n = len(sym)
+    lanes = min(8192, max(1, n // 8192))  # >= 8192 symbols per lane keeps the 4-byte states near 0.07%
+    bounds = np.cumsum([0] + list(seg_lens))
+    lohi, freqs = [], []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        cnt = np.bincount(sym[a:b].astype(np.int64) + 128, minlength=256)
+        nz = np.flatnonzero(cnt)
+        lo, hi = (nz[0], nz[-1]) if len(nz) else (128, 127)
+        lohi += [lo - 128, hi - 128]
+        freqs.append(_rans_freqs(cnt[lo:hi + 1]) if len(nz) else np.zeros(0, np.int64))
+    widths = np.array([len(f) for f in freqs], np.int64)
+    table = np.repeat((np.cumsum(widths) - widths - np.array(lohi[0::2])).astype(np.int32), seg_lens) + sym
+    allf = np.concatenate([np.zeros(0, np.int64)] + freqs)
+    F = allf.astype(np.uint32)[table]
+    C = np.concatenate([np.zeros(0, np.int64)] + [np.cumsum(f) - f for f in freqs]).astype(np.uint32)[table]
+    x = np.full(lanes, RANS_L, np.uint64)
+    chunks = []
+    for s in range(-(-n // lanes) - 1, -1, -1):  # rANS encodes backwards
+        a, b = s * lanes, min(s * lanes + lanes, n)
+        xs, f = x[:b - a], F[a:b]
+        m = (xs >> (32 - RANS_PROB_BITS)) >= f
+        chunks.append((xs[m] & 0xFFFF).astype(np.uint16))
+        xs = np.where(m, xs >> 16, xs)
+        q = xs // f
+        x[:b - a] = (q << RANS_PROB_BITS) + (xs - q * f) + C[a:b]
+    words = np.concatenate(chunks[::-1] + [np.zeros(0, np.uint16)])  # the decoder reads step 0 first
+    return b"".join([struct.pack("<4sIQ", b"rAN1", lanes, len(words)), np.array(lohi, np.int8).tobytes(),
+                     allf.astype("<u2").tobytes(), x.astype("<u4").tobytes(), words.astype("<u2").tobytes()])
+
+
+def rans_decode(blob, seg_lens):
+    n, n_seg, pos = sum(seg_lens), len(seg_lens), 0
+
+    def take(dtype, count, what):
+        nonlocal pos
+        size = np.dtype(dtype).itemsize * count
+        if pos + size > len(blob):
+            raise ValueError(f"rANS stream truncated in the {what}")
+        pos += size
+        return np.frombuffer(blob, dtype, count, pos - size)
+
+    magic, lanes, n_words = struct.unpack("<4sIQ", take(np.uint8, 16, "header").tobytes())
+    if magic != b"rAN1" or lanes < 1:
+        raise ValueError("not a rANS stream")
+    lohi = take(np.int8, 2 * n_seg, "value ranges").astype(np.int64)
+    lo, widths = lohi[0::2], lohi[1::2] - lohi[0::2] + 1
+    freqs = take("<u2", int(widths.sum()), "frequency tables").astype(np.int64)
+    x = take("<u4", lanes, "lane states").astype(np.uint64)
+    words = take("<u2", n_words, "word stream").astype(np.uint64)
+    dsym, dfreq, drest = np.zeros(n_seg * RANS_M, np.int8), np.zeros(n_seg * RANS_M, np.uint32), \
+        np.zeros(n_seg * RANS_M, np.uint32)
+    offs = np.cumsum(widths) - widths
+    for g in range(n_seg):
+        f = freqs[offs[g]:offs[g] + widths[g]]
+        if seg_lens[g] == 0:
+            continue
+        if f.sum() != RANS_M:
+            raise ValueError(f"rANS table {g} is corrupt")
+        r = slice(g * RANS_M, (g + 1) * RANS_M)
+        dsym[r], dfreq[r] = np.repeat(lo[g] + np.arange(len(f)), f), np.repeat(f, f)
+        drest[r] = np.arange(RANS_M) - np.repeat(np.cumsum(f) - f, f)
+    row = np.repeat(np.arange(n_seg, dtype=np.uint32) * RANS_M, seg_lens)
+    out, p = np.empty(n, np.int8), 0
+    for s in range(-(-n // lanes)):
+        a, b = s * lanes, min(s * lanes + lanes, n)
+        xs = x[:b - a]
+        i = row[a:b] + (xs & (RANS_M - 1))
+        out[a:b] = dsym[i]
+        xs = dfreq[i] * (xs >> RANS_PROB_BITS) + drest[i]
+        low = np.flatnonzero(xs < RANS_L)
+        if p + len(low) > n_words:
+            raise ValueError("rANS word stream exhausted")
+        xs[low] = (xs[low] << 16) | words[p:p + len(low)]
+        p += len(low)
+        x[:b - a] = xs
+    if p != n_words or (x != RANS_L).any():  # every lane started at RANS_L
+        raise ValueError("rANS stream does not end in its initial state")
+    return out
+
+
+def entropy_bound_bytes(sym, seg_lens):
+    """Order-0 bound: sum over segments of count x empirical entropy, in bytes."""
+    bounds, bits = np.cumsum([0] + list(seg_lens)), 0.0
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        c = np.bincount(sym[a:b].astype(np.int64) + 128, minlength=256)
+        c = c[c > 0].astype(np.float64)
+        bits += float(-(c * np.log2(c / (b - a))).sum())
+    return bits / 8
+
+
+# ----------------------------------------------------------------------------- export: artifact
+
+ART_MAGIC, ART_VERSION = b"PGOLFART", 1
+ART_PREFIX = struct.Struct("<8sII32s")  # magic, format version, header length, sha256 of the header
+NP_DTYPE = {"int6": np.int8, "int8": np.int8, "fp16": np.float16, "fp32": np.float32}
+
+
+def pack_raw(tensors):
+    """Concatenates the arrays; fp16 bytes are split into low and high planes, which compress better."""
+    entries, parts, off = [], [], 0
+    for key, kind, a in tensors:
+        b = np.ascontiguousarray(a, NP_DTYPE[kind]).view(np.uint8)
+        b = b.reshape(-1, 2).T.tobytes() if kind == "fp16" else b.tobytes()
+        entries.append(dict(key=key, kind=kind, shape=list(a.shape), offset=off, nbytes=len(b)))
+        parts.append(b)
+        off += len(b)
+    return entries, b"".join(parts)
+
+
+def unpack_raw(entries, raw):
+    out = {}
+    for e in entries:
+        b = np.frombuffer(raw, np.uint8, e["nbytes"], e["offset"])
+        if e["kind"] == "fp16":
+            b = np.ascontiguousarray(b.reshape(2, -1).T)
+        out[e["key"]] = b.view(NP_DTYPE[e["kind"]]).reshape(e["shape"]).copy()
+    return out
+
+
+def _rans_pack(raw, entries):
+    ints = [e for e in entries if e["kind"] in ("int6", "int8")]
+    sym = np.frombuffer(b"".join(raw[e["offset"]:e["offset"] + e["nbytes"]] for e in ints), np.int8)
+    rest = b"".join(raw[e["offset"]:e["offset"] + e["nbytes"]] for e in entries if e not in ints)
+    coded = rans_encode(sym, [e["nbytes"] for e in ints])
+    return struct.pack("<Q", len(coded)) + coded + lzma.compress(rest, preset=9)
+
+
+def _rans_unpack(blob, entries):
+    (n,) = struct.unpack("<Q", blob[:8])
+    ints = [e for e in entries if e["kind"] in ("int6", "int8")]
+    sym = rans_decode(blob[8:8 + n], [e["nbytes"] for e in ints]).tobytes()
+    rest = lzma.decompress(blob[8 + n:])
+    parts, si, ri = [], 0, 0
+    for e in entries:
+        if e in ints:
+            parts.append(sym[si:si + e["nbytes"]])
+            si += e["nbytes"]
+        else:
+            parts.append(rest[ri:ri + e["nbytes"]])
+            ri += e["nbytes"]
+    return b"".join(parts)
+
+
+def codecs():
+    """name -> (compress(raw, entries), decompress(blob, entries)) or a reason it is unavailable."""
+    out = {"none": (lambda r, e: r, lambda b, e: b),
+           "lzma-9": (lambda r, e: lzma.compress(r, preset=9), lambda b, e: lzma.decompress(b)),
+           "rans": (_rans_pack, _rans_unpack)}
+    try:
+        import zstandard
+        out["zstd-22"] = (lambda r, e: zstandard.ZstdCompressor(level=22).compress(r),
+                          lambda b, e: zstandard.ZstdDecompressor().decompress(b))
+    except ImportError:
+        out["zstd-22"] = "python package zstandard is not installed"
+    try:
+        import brotli
+        out["brotli-11"] = (lambda r, e: brotli.compress(r, quality=11), lambda b, e: brotli.decompress(b))
+    except ImportError:
+        out["brotli-11"] = "python package brotli is not installed"
+    return out
+
+
+class ArtifactError(ConfigError):
+    pass
+
+
+def encode_artifact(tensors, codec, label, config):
+    entries, raw = pack_raw(tensors)
+    payload = codecs()[codec][0](raw, entries)
+    header = json.dumps(dict(label=label, codec=codec, config=config, entries=entries, raw_bytes=len(raw),
+                             raw_sha256=hashlib.sha256(raw).hexdigest(), payload_bytes=len(payload),
+                             payload_sha256=hashlib.sha256(payload).hexdigest()), separators=(",", ":")).encode()
+    return ART_PREFIX.pack(ART_MAGIC, ART_VERSION, len(header), hashlib.sha256(header).digest()) + header + payload
+
+
+def read_artifact(path):
+    """Returns (header, arrays). Never unpickles; any damage is one ArtifactError line naming the file."""
+    def bad(why):
+        return ArtifactError(f"artifact {path}: {why}; fix: re-export it or point ARTIFACT at an intact file")
+    data = Path(path).read_bytes()
+    if len(data) < ART_PREFIX.size:
+        raise bad(f"only {len(data)} bytes, shorter than the {ART_PREFIX.size}-byte prefix (truncated)")
+    magic, version, hlen, hsha = ART_PREFIX.unpack_from(data)
+    if magic != ART_MAGIC:
+        raise bad(f"wrong magic {magic!r} (expected {ART_MAGIC!r}): not a train_gpt.py artifact")
+    if version != ART_VERSION:
+        raise bad(f"format version {version}, this script reads version {ART_VERSION}")
+    header_bytes = data[ART_PREFIX.size:ART_PREFIX.size + hlen]
+    if len(header_bytes) != hlen or hashlib.sha256(header_bytes).digest() != hsha:
+        raise bad("header checksum mismatch (truncated or corrupt)")
+    header = json.loads(header_bytes)
+    payload = data[ART_PREFIX.size + hlen:]
+    if len(payload) != header["payload_bytes"]:
+        raise bad(f"payload is {len(payload)} bytes, header says {header['payload_bytes']} (truncated)")
+    if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
+        raise bad("payload checksum mismatch (corrupt)")
+    codec = codecs().get(header["codec"])
+    if not isinstance(codec, tuple):
+        raise bad(f"codec {header['codec']} unavailable ({codec or 'unknown codec'})")
+    raw = codec[1](payload, header["entries"])
+    if hashlib.sha256(raw).hexdigest() != header["raw_sha256"]:
+        raise bad(f"decoded data checksum mismatch (codec {header['codec']})")
+    return header, unpack_raw(header["entries"], raw)
+
+
+def export(a, ctx, state, hessians, code_bytes):
+    """Quantises, measures every codec, keeps the smallest bit-exact one, prunes to TARGET_BYTES, writes ARTIFACT.
+    Rank 0 only; returns the model byte count."""
+    t0 = time.perf_counter()
+    tensors, hdiag = quantize_state(state, hessians, a.gptq_block, a.gptq_damp)
+    ctx.log(f"gptq: {len(hdiag)} int6 matrices in {time.perf_counter() - t0:.1f}s")
+    entries, raw = pack_raw(tensors)
+    ints = [e for e in entries if e["kind"] in ("int6", "int8")]
+    sym = np.frombuffer(b"".join(raw[e["offset"]:e["offset"] + e["nbytes"]] for e in ints), np.int8)
+    bound = entropy_bound_bytes(sym, [e["nbytes"] for e in ints])
+    sizes = {}
+    for name, codec in codecs().items():
+        if name == "none":
+            continue
+        if not isinstance(codec, tuple):
+            ctx.log(f"codec:{name} skipped ({codec})")
+            continue
+        t = time.perf_counter()
+        blob = codec[0](raw, entries)
+        exact = codec[1](blob, entries) == raw
+        extra = ""
+        if name == "rans":
+            n = struct.unpack("<Q", blob[:8])[0]
+            extra = f" symbols_bytes:{n} symbols/bound:{n / bound:.4f}"
+        ctx.log(f"codec:{name} bytes:{len(blob)} exact:{int(exact)} seconds:{time.perf_counter() - t:.1f}{extra}")
+        if exact:
+            sizes[name] = len(blob)
+    ctx.log(f"entropy_bound: symbols:{len(sym)} bytes:{bound:.0f} (order-0, per tensor, int6+int8 values)")
+    best = min(sizes, key=sizes.get)
+    ctx.log(f"codec_chosen: {best}")
+    config = {k: (list(v) if isinstance(v, list) else v) for k, v in a.arch().items()}
+
+    def total(ts):
+        return code_bytes + len(encode_artifact(ts, best, "int6", config))
+
+    if a.target_bytes and total(tensors) > a.target_bytes:
+        tensors = prune_ones(tensors, hdiag, total, a.target_bytes, ctx.log)
+    blob = encode_artifact(tensors, best, "int6", config)
+    Path(a.artifact).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.artifact).write_bytes(blob)
+    ctx.log(f"artifact_path: {a.artifact}")
+    return len(blob)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def window_starts(n_targets, seq_len, stride):
+    """Window k starts at k*stride and scores targets from k*stride + seq_len - stride on (window 0: from 0), so
+    every target is scored exactly once, after window 0 with at least seq_len - stride tokens of context."""
+    span = n_targets - seq_len + stride
+    return np.arange(max(1, -(-span // stride)) if span > 0 else 1) * stride
+
+
+def window_batch(val, starts, seq_len, stride, batch, device):
+    """Inputs, targets, scored mask, already-scored (context) mask and target bytes for a batch of windows, padded
+    to `batch` windows with empty masks so that every batch has one shape."""
+    tokens, tbytes = val
+    T = len(tokens) - 1
+    starts = np.concatenate([starts, np.full(batch - len(starts), -1)])
+    pos = np.arange(seq_len)
+    tgt = np.maximum(starts, 0)[:, None] + pos  # target index of each position
+    valid = (tgt < T) & (starts[:, None] >= 0)
+    idx = np.minimum(tgt, T - 1)
+    x = tokens[idx].astype(np.int64)
+    y = tokens[idx + 1].astype(np.int64)
+    score = valid & (pos >= np.where(starts == 0, 0, seq_len - stride)[:, None])
+    context = valid & (pos < seq_len - stride) & (starts[:, None] > 0)
+    t = lambda arr: torch.from_numpy(arr).to(device)
+    return t(x), t(y), t(score), t(context), t(tbytes[idx].astype(np.float64))
+
+
+def softcap_logits(h, weight, cap, bias=None):
+    z = F.linear(h, weight)
+    if bias is not None:
+        z = z + bias
+    return cap * torch.tanh(z / cap)
+
+
+def slot_fit(model, h, mask, y, p):
+    """SLOT: a delta on the final hidden state and a logit bias (zero-init; per window, or one per batch) fitted by
+    AdamW with a cosine lr on the mean NLL of the masked positions. Logits are projected only at those positions."""
+    rows, cols = mask.nonzero(as_tuple=True)
+    n = h.size(0) if p["delta"] == "window" else 1
+    W = model.head_weight().detach().float()
+    delta = torch.zeros(n, h.size(-1), device=h.device, requires_grad=True)
+    bias = torch.zeros(n, W.size(0), device=h.device, requires_grad=True)
+    if p["steps"] == 0 or len(rows) == 0:
+        return delta.detach(), bias.detach()
+    r = rows if n > 1 else torch.zeros_like(rows)
+    hs, ys = h[rows, cols], y[rows, cols]
+    opt = torch.optim.AdamW([delta, bias], lr=p["lr"], weight_decay=1e-8, eps=1e-5)
+    with torch.enable_grad():
+        for i in range(p["steps"]):
+            opt.param_groups[0]["lr"] = p["lr_min"] + 0.5 * (p["lr"] - p["lr_min"]) * (1 + math.cos(math.pi * i / p["steps"]))
+            loss = F.cross_entropy(softcap_logits(hs + delta[r], W, model.softcap, bias[r]), ys)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return delta.detach(), bias.detach()
+
+
+def evaluate(ctx, model, val, seq_len, stride, batch, points=(None,), label="eval"):
+    """Scores every val target once (windows of seq_len every stride tokens, split across ranks). Each point is
+    None (plain scoring) or a SLOT setting; hidden states are computed once per batch for all points.
+    Returns [(val_loss, val_bpb, seconds)] per point; bpb = sum of nll / ln 2 / sum of bytes, in float64."""
+    hidden = getattr(model, "eval_hidden", model.forward_hidden)
+    starts = np.array_split(window_starts(len(val[0]) - 1, seq_len, stride), ctx.world)[ctx.rank]
+    n_batches = -(-len(starts) // batch)
+    sums = torch.zeros(len(points), 3, dtype=torch.float64, device=ctx.device)
+    secs = np.zeros(len(points))
+    W = model.head_weight().detach().float()
+    t_start = time.perf_counter()
+    for b in range(n_batches):
+        t = time.perf_counter()
+        x, y, score, context, nbytes = window_batch(val, starts[b * batch:(b + 1) * batch], seq_len, stride, batch,
+                                                    ctx.device)
+        with torch.no_grad(), ctx.autocast():
+            h = hidden(x)
+        h = h.detach().float()
+        rows, cols = score.nonzero(as_tuple=True)
+        ys = y[rows, cols]
+        ctx.sync()
+        secs += time.perf_counter() - t
+        for i, p in enumerate(points):
+            t = time.perf_counter()
+            bias = delta = None
+            if p is not None:
+                delta, bias = slot_fit(model, h, score if p["mode"] == "scored" else context, y, p)
+                r = rows if delta.size(0) > 1 else torch.zeros_like(rows)
+                delta, bias = delta[r], bias[r]
+            with torch.no_grad():
+                hs = h[rows, cols] if delta is None else h[rows, cols] + delta
+                nll = F.cross_entropy(softcap_logits(hs, W, model.softcap, bias), ys, reduction="none")
+            sums[i] += torch.stack([nll.double().sum(), nbytes[rows, cols].sum(), torch.tensor(len(ys), device=ctx.device, dtype=torch.float64)])
+            ctx.sync()
+            secs[i] += time.perf_counter() - t
+        if b == min(2, n_batches - 1) and n_batches > 1:
+            projected = (time.perf_counter() - t_start) / (b + 1) * n_batches
+            if projected > 600:
+                ctx.log(f"warning: {label} projected to take {projected:.0f}s on this hardware, over the 600 s "
+                        f"evaluation budget ({n_batches} batches per rank)")
+    ctx.all_reduce(sums)
+    return [(s[0].item() / s[2].item(), s[0].item() / math.log(2) / s[1].item(), sec) for s, sec in zip(sums, secs)]
+
+
+# ----------------------------------------------------------------------------- main
+
+def setup_distributed():
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return rank, world, local, device
+
+
+def on_main(ctx, fn):
+    """Runs fn on rank 0 and hands its result (or its one-line error) to every rank."""
+    out = [None, None]
+    if ctx.main:
+        try:
+            out[0] = fn()
+        except ConfigError as e:
+            out[1] = str(e)
+    if ctx.world > 1:
+        dist.broadcast_object_list(out, src=0)
+    if out[1]:
+        raise ConfigError(out[1])
+    return out[0]
+
+
+def model_from(config, state, ctx, compile_eval):
+    model = GPT(config).to(ctx.device)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"artifact tensors do not match its model config ({str(e).splitlines()[0]})") from None
+    model.requires_grad_(False)
+    if compile_eval and ctx.device.type == "cuda":
+        model.eval_hidden = torch.compile(model.forward_hidden, dynamic=False)
+    return model
+
+
+def run(a, ctx, run_id, code_bytes):
+    sp = load_tokenizer(a.tokenizer_path, a.vocab_size)
+    val_files = find_shards(a.data_path, "val")
+    train_files = None if a.eval_only else find_shards(a.data_path, "train")
+    tokens = load_val(val_files, a.val_tokens)
+    val = (tokens, target_bytes(tokens, byte_tables(sp, a.vocab_size)))
+    ctx.log(f"val_loader: tokens:{len(tokens)} bytes:{int(val[1].sum())}")
+    results, steps, train_ms = {}, 0, 0.0
+    L, log_base = a.eval_seq_len, Path(a.log_dir) / run_id
+    if a.eval_only:
+        header, arrays = read_artifact(a.artifact)
+        for k in sorted(set(a.explicit) & set(ARCH_KEYS)):
+            if header["config"][k] != getattr(a, k.lower()):
+                ctx.log(f"warning: {k} is set but ignored: the artifact's model has {k}={header['config'][k]}")
+        ctx.log(f"eval_only: artifact {a.artifact} label:{header['label']} codec:{header['codec']}")
+    else:
+        torch.manual_seed(a.seed)
+        model = GPT(a.arch()).to(ctx.device)
+        if ctx.device.type == "cuda":
+            for m in model.modules():
+                if isinstance(m, nn.Embedding):
+                    m.bfloat16()
+        ctx.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+        steps, train_ms, loader = train(a, ctx, model, train_files, val)
+        t = time.perf_counter()
+        n_cal = -(-a.gptq_calib_batches // ctx.world)
+        if a.gptq_calib == "train":
+            x, _ = loader.next_batch(n_cal * a.train_seq_len // 1, a.train_seq_len)
+            H = collect_hessians(ctx, model, x.split(8))
+            cal = time.perf_counter() - t
+            ctx.log(f"gptq_calib: train, {n_cal * ctx.world} sequences in {cal:.1f}s; training {train_ms / 1000:.1f}s "
+                    f"+ calibration = {train_ms / 1000 + cal:.1f}s of MAX_WALLCLOCK_SECONDS={a.max_wallclock_seconds:g}")
+        state = {k: v.detach().float() for k, v in model.state_dict().items()}
+        on_main(ctx, lambda: Path(str(log_base) + ".prequant.pgz").write_bytes(encode_artifact(
+            [(k, "fp32", v.cpu().numpy()) for k, v in state.items()], "none", "prequant", a.arch())))
+        ctx.log(f"prequant_path: {log_base}.prequant.pgz")
+        if a.gptq_calib == "selfgen":
+            seqs = self_generate(ctx, model, n_cal, a.train_seq_len, a.gptq_temperature, a.seed)
+            H = collect_hessians(ctx, model, seqs.split(8))
+            ctx.log(f"gptq_calib: selfgen, {n_cal * ctx.world} sequences of {a.train_seq_len} tokens generated at "
+                    f"temperature {a.gptq_temperature} in {time.perf_counter() - t:.1f}s")
+        model_bytes = on_main(ctx, lambda: export(a, ctx, state, H, code_bytes))
+        total = code_bytes + model_bytes
+        ctx.log(f"artifact_bytes: code:{code_bytes} model:{model_bytes} total:{total} limit:{a.size_limit_bytes}")
+        if total > a.size_limit_bytes:
+            raise ConfigError(f"artifact {a.artifact}: code + model = {total} bytes exceeds SIZE_LIMIT_BYTES="
+                              f"{a.size_limit_bytes}; fix: set TARGET_BYTES at or below the limit so that pruning "
+                              "fits it, or shrink the model")
+        results["prequant"] = evaluate(ctx, model, val, L, L, a.eval_batch, label="prequant eval")[0]
+        ctx.log(f"final_prequant_exact val_loss:{results['prequant'][0]:.8f} val_bpb:{results['prequant'][1]:.8f}")
+        del model
+        ctx.barrier()
+        header, arrays = read_artifact(a.artifact)
+    model = model_from(header["config"], dequantize(arrays), ctx, a.compile)
+    label = header["label"]
+    results["roundtrip"] = r = evaluate(ctx, model, val, L, L, a.eval_batch, label="round-trip eval")[0]
+    ctx.log(f"final_{label}_roundtrip_exact val_loss:{r[0]:.8f} val_bpb:{r[1]:.8f} eval_time:{r[2]:.1f}s")
+    if a.sliding_enabled:
+        results["sliding"] = r = evaluate(ctx, model, val, L, a.eval_stride, a.eval_batch, label="sliding eval")[0]
+        ctx.log(f"final_sliding_window_exact stride:{a.eval_stride} val_loss:{r[0]:.8f} val_bpb:{r[1]:.8f} "
+                f"eval_time:{r[2]:.1f}s")
+    grid = a.sweep_grid()
+    if grid:
+        rows = []
+        for stride in sorted({p["stride"] for p in grid}):
+            pts = [None] + [p for p in grid if p["stride"] == stride]
+            for p, r in zip(pts, evaluate(ctx, model, val, L, stride, a.slot_batch, pts, label=f"sweep stride {stride}")):
+                p = p or dict(mode="plain", delta="-", steps=0, lr=0.0, lr_min=0.0, stride=stride)
+                rows.append(f"| {p['mode']} | {p['delta']} | {p['steps']} | {p['lr']:g} | {p['lr_min']:g} | "
+                            f"{stride} | {r[0]:.6f} | {r[1]:.6f} | {r[2]:.1f} |")
+                ctx.log("sweep_row " + rows[-1])
+        ctx.log("sweep table:\n| mode | delta | steps | lr | lr_min | stride | val_loss | val_bpb | seconds |\n"
+                "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+    elif a.slot_enabled:
+        p = dict(mode=a.slot_mode, delta=a.slot_delta, steps=a.slot_steps, lr=a.slot_lr, lr_min=a.slot_lr_min)
+        results["slot"] = r = evaluate(ctx, model, val, L, a.eval_stride, a.slot_batch, [p], label="SLOT eval")[0]
+        ctx.log(f"final_slot_exact mode:{a.slot_mode} delta:{a.slot_delta} steps:{a.slot_steps} val_loss:{r[0]:.8f} "
+                f"val_bpb:{r[1]:.8f} eval_time:{r[2]:.1f}s")
+    if ctx.main:
+        write_submission(a, ctx, run_id, results, code_bytes, os.path.getsize(a.artifact), label, steps, train_ms)
+
+
+def write_submission(a, ctx, run_id, results, code_bytes, model_bytes, label, steps, train_ms):
+    metric = next(k for k in ("slot", "sliding", "roundtrip") if k in results)
+    hw = (f"{ctx.world}x {torch.cuda.get_device_name()}" if ctx.device.type == "cuda"
+          else f"{ctx.world}x CPU ({torch.get_num_threads()} threads)")
+    c = a.arch() if not a.eval_only else read_artifact(a.artifact)[0]["config"]
+    what = {"slot": f"SLOT mode {a.slot_mode} ({a.slot_steps} steps, stride {a.eval_stride})",
+            "sliding": f"sliding window stride {a.eval_stride}", "roundtrip": "plain windows"}[metric]
+    sub = dict(author=a.author, github_id=a.github_id, name=run_id, date=datetime.now(timezone.utc).isoformat(),
+               val_loss=results[metric][0], val_bpb=results[metric][1], bytes_total=code_bytes + model_bytes,
+               bytes_code=code_bytes, bytes_model=model_bytes,
+               blurb=f"{c['NUM_LAYERS']}L d{c['MODEL_DIM']} GQA {c['NUM_HEADS']}/{c['NUM_KV_HEADS']}, {label} "
+                     f"artifact; val_bpb from {what}; {hw}; {steps} training steps"
+                     + (" (eval-only run)" if a.eval_only else ""),
+               metric=metric, slot_mode=a.slot_mode if metric == "slot" else None, hardware=hw, seed=a.seed,
+               train_steps=steps, train_time_ms=round(train_ms), val_tokens=int(a.val_tokens) or "all",
+               results={k: dict(val_loss=v[0], val_bpb=v[1], seconds=round(v[2], 2)) for k, v in results.items()})
+    path = Path(a.log_dir) / f"{run_id}.submission.json"
+    path.write_text(json.dumps(sub, indent=2) + "\n")
+    ctx.log(f"submission: {path} val_bpb:{sub['val_bpb']:.8f} ({metric})")
+
+
+def main():
+    code_bytes = len(Path(__file__).read_bytes())
+    rank0 = os.environ.get("RANK", "0") == "0"
+    try:
+        a = Settings()
+        typos = warn_env_typos()
+        rank, world, local, device = setup_distributed()
+        stamp = [os.environ.get("RUN_ID") or datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")]
+        if world > 1:
+            dist.broadcast_object_list(stamp, src=0)
+        run_id = stamp[0]
+        Path(a.log_dir).mkdir(parents=True, exist_ok=True)
+        a.artifact = a.artifact or str(Path(a.log_dir) / f"{run_id}.int6.pgz")
+        ctx = Ctx(rank, world, local, device, Path(a.log_dir) / f"{run_id}.txt")
+        for t in typos:
+            ctx.log(t)
+        ctx.log(f"run_id:{run_id} mode:{'eval_only' if a.eval_only else 'train'} world:{world} device:{device} "
+                f"attention:{ATTN_NAME} torch:{torch.__version__} code_bytes:{code_bytes}")
+        ctx.log("settings: " + " ".join(f"{n}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                                        for n, v in ((n, getattr(a, n.lower())) for n, *_ in SETTINGS)))
+        run(a, ctx, run_id, code_bytes)
+    except ConfigError as e:
+        if rank0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
