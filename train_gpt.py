@@ -4,7 +4,7 @@ Every setting is an environment variable; see README.md. Order: settings -> data
 optimizer -> training -> export -> evaluation -> main."""
 from __future__ import annotations
 
-import contextlib, difflib, glob, hashlib, json, lzma, math, os, struct, sys, time
+import contextlib, copy, difflib, glob, hashlib, importlib, json, lzma, math, os, struct, sys, time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 # (env name, default, kind, meaning). Defaults are the record configuration.
 SETTINGS = [
-    ("DATA_PATH", "./data/datasets/fineweb10B_sp1024", "str", "folder of fineweb_train_*.bin / fineweb_val_*.bin shards"),
+    ("DATA_PATH", "./data/datasets/fineweb10B_sp1024", "str", "folder of fineweb_{train,val}_*.bin shards"),
     ("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model", "str", "SentencePiece model used for byte counting"),
     ("VOCAB_SIZE", 1024, "int", "vocabulary size; must equal the tokenizer's"),
     ("SEED", 1337, "int", "random seed"),
@@ -80,7 +80,7 @@ SETTINGS = [
     ("GPTQ_CALIB", "selfgen", "str", "GPTQ calibration data: selfgen (model-generated) or train (inside the time cap)"),
     ("GPTQ_CALIB_BATCHES", 64, "int", "calibration sequences of TRAIN_SEQ_LEN tokens, all ranks together"),
     ("GPTQ_TEMPERATURE", 0.8, "float", "sampling temperature of GPTQ_CALIB=selfgen"),
-    ("GPTQ_RESERVE_SECONDS", 20.0, "float", "seconds of the time cap kept for reading calibration batches (GPTQ_CALIB=train)"),
+    ("GPTQ_RESERVE_SECONDS", 20.0, "float", "time-cap seconds kept for reading calibration data (GPTQ_CALIB=train)"),
     ("GPTQ_BLOCK", 128, "int", "GPTQ column block size"),
     ("GPTQ_DAMP", 0.01, "float", "GPTQ damping as a fraction of the mean Hessian diagonal"),
     ("TARGET_BYTES", 16000000, "int", "prune +-1 values until code + model fit in this many bytes (0: no pruning)"),
@@ -92,13 +92,13 @@ SETTINGS = [
     ("EVAL_BATCH", 32, "int", "windows per batch in plain and sliding evaluation"),
     ("SLIDING_ENABLED", True, "bool", "run the sliding-window evaluation"),
     ("SLOT_ENABLED", True, "bool", "run the SLOT evaluation"),
-    ("SLOT_MODE", "scored", "str", "scored (fit on the scored targets, as the seeds) or causal (fit on already-scored tokens only)"),
+    ("SLOT_MODE", "scored", "str", "scored (fit on the targets it scores, as the seeds) or causal (on scored ones)"),
     ("SLOT_DELTA", "window", "str", "window (delta and logit bias per window) or batch (one per batch)"),
     ("SLOT_STEPS", 16, "int", "SLOT AdamW steps per batch"),
     ("SLOT_LR", 0.008, "float", "SLOT lr at the first step (cosine schedule)"),
     ("SLOT_LR_MIN", 0.0008, "float", "SLOT lr at the end of the schedule"),
     ("SLOT_BATCH", 32, "int", "windows per SLOT batch"),
-    ("SWEEP_SLOT_MODE", [], "strs", "sweep grid: SLOT modes (any SWEEP_* set runs the sweep instead of the single SLOT eval)"),
+    ("SWEEP_SLOT_MODE", [], "strs", "sweep grid: SLOT modes (any SWEEP_* set replaces the SLOT eval by a sweep)"),
     ("SWEEP_SLOT_STEPS", [], "ints", "sweep grid: SLOT steps"),
     ("SWEEP_SLOT_LR", [], "floats", "sweep grid: SLOT lr"),
     ("SWEEP_SLOT_LR_MIN", [], "floats", "sweep grid: SLOT final lr"),
@@ -113,10 +113,8 @@ ARCH_KEYS = ["VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS
 KIND_TEXT = {"int": "an integer", "float": "a number", "bool": "0 or 1", "ints": "comma-separated integers",
              "floats": "comma-separated numbers", "strs": "comma-separated words", "str": "a string"}
 
-
 class ConfigError(Exception):
     """A bad setting or input file; main() prints it as one line and exits 2."""
-
 
 def _parse(name, raw, default, kind):
     try:
@@ -135,7 +133,6 @@ def _parse(name, raw, default, kind):
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         raise ConfigError(f"{name}={raw!r} is not {KIND_TEXT[kind]}; fix: set {name} to {KIND_TEXT[kind]} "
                           f"(default {shown})") from None
-
 
 class Settings:
     def __init__(self, env=None):
@@ -167,71 +164,60 @@ class Settings:
         def need(ok, name, why, fix):
             if not ok:
                 raise ConfigError(f"{name}={getattr(self, name.lower())!r}: {why}; fix: {fix}")
-        positive = ["VOCAB_SIZE", "ITERATIONS", "TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN", "GRAD_ACCUM_STEPS", "NUM_LAYERS",
-                    "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_LOG_EVERY", "EVAL_SEQ_LEN",
-                    "EVAL_STRIDE", "EVAL_BATCH", "SLOT_BATCH", "MUON_BACKEND_STEPS", "SWA_EVERY", "GPTQ_BLOCK",
-                    "GPTQ_CALIB_BATCHES", "SIZE_LIMIT_BYTES", "BIGRAM_DIM", "VE_DIM", "ROPE_BASE", "LOGIT_SOFTCAP",
-                    "GPTQ_TEMPERATURE", "GPTQ_DAMP"]
-        for n in positive:
-            need(getattr(self, n.lower()) > 0, n, "must be > 0", f"set {n} to a positive value")
-        non_negative = ["WARMUP_STEPS", "WARMDOWN_ITERS", "MAX_WALLCLOCK_SECONDS", "VAL_LOSS_EVERY", "VAL_TOKENS",
-                        "ROPE_DIMS", "XSA_LAST_N", "BIGRAM_VOCAB_SIZE", "TIED_EMBED_LR", "HEAD_LR", "MATRIX_LR",
-                        "SCALAR_LR", "MUON_MOMENTUM_WARMUP_STEPS", "MUON_WD", "ADAM_WD", "GRAD_CLIP_NORM",
-                        "GPTQ_RESERVE_SECONDS", "TARGET_BYTES", "SLOT_STEPS", "SLOT_LR", "SLOT_LR_MIN",
-                        "TIED_EMBED_INIT_STD", "MLP_LEAKY_SLOPE"]
-        for n in non_negative:
-            need(getattr(self, n.lower()) >= 0, n, "must be >= 0", f"set {n} to 0 or more")
-        for n in ["MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY"]:
-            need(0 <= getattr(self, n.lower()) < 1, n, "must be in [0, 1)", f"set {n} to a value like the default")
-        for n in ["SWA_LR_THRESHOLD", "LATE_QAT_THRESHOLD"]:
-            need(0 <= getattr(self, n.lower()) <= 1, n, "must be in [0, 1]", f"set {n} between 0 and 1")
-        need(self.adam_eps > 0, "ADAM_EPS", "must be > 0", "set ADAM_EPS=1e-8")
+        rules = {"> 0": (lambda v: v > 0, "VOCAB_SIZE ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN GRAD_ACCUM_STEPS "
+                         "NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT TRAIN_LOG_EVERY EVAL_SEQ_LEN "
+                         "EVAL_STRIDE "
+                         "EVAL_BATCH SLOT_BATCH MUON_BACKEND_STEPS SWA_EVERY GPTQ_BLOCK GPTQ_CALIB_BATCHES ADAM_EPS "
+                         "SIZE_LIMIT_BYTES BIGRAM_DIM VE_DIM ROPE_BASE LOGIT_SOFTCAP GPTQ_TEMPERATURE GPTQ_DAMP"),
+                 ">= 0": (lambda v: v >= 0, "WARMUP_STEPS WARMDOWN_ITERS MAX_WALLCLOCK_SECONDS VAL_LOSS_EVERY "
+                          "VAL_TOKENS "
+                          "ROPE_DIMS XSA_LAST_N BIGRAM_VOCAB_SIZE TIED_EMBED_LR HEAD_LR MATRIX_LR SCALAR_LR MUON_WD "
+                          "MUON_MOMENTUM_WARMUP_STEPS ADAM_WD GRAD_CLIP_NORM GPTQ_RESERVE_SECONDS TARGET_BYTES "
+                          "SLOT_STEPS SLOT_LR SLOT_LR_MIN TIED_EMBED_INIT_STD MLP_LEAKY_SLOPE"),
+                 "in [0, 1)": (lambda v: 0 <= v < 1, "MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 EMA_DECAY"),
+                 "in [0, 1]": (lambda v: 0 <= v <= 1, "SWA_LR_THRESHOLD LATE_QAT_THRESHOLD")}
+        for rule, (ok, names) in rules.items():
+            for n in names.split():
+                need(ok(getattr(self, n.lower())), n, f"must be {rule}", f"set {n} to a value {rule}")
+        hd, L, choices = self.model_dim // self.num_heads, self.num_layers, dict(
+            SLOT_MODE=("scored", "causal"), SWEEP_SLOT_MODE=("scored", "causal"), SLOT_DELTA=("window", "batch"),
+            GPTQ_CALIB=("selfgen", "train"))
         need(self.model_dim % self.num_heads == 0, "MODEL_DIM", f"not divisible by NUM_HEADS={self.num_heads}",
-             "choose MODEL_DIM a multiple of NUM_HEADS")
-        need(self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS", f"does not divide NUM_HEADS={self.num_heads}",
-             "choose NUM_KV_HEADS dividing NUM_HEADS")
-        head_dim = self.model_dim // self.num_heads
-        need(head_dim % 2 == 0, "MODEL_DIM", f"head dim {head_dim} is odd", "make MODEL_DIM / NUM_HEADS even")
-        need(self.rope_dims % 2 == 0 and self.rope_dims <= head_dim, "ROPE_DIMS",
-             f"must be even and <= head dim {head_dim}", f"set ROPE_DIMS to an even number <= {head_dim}")
-        need(self.xsa_last_n <= self.num_layers, "XSA_LAST_N", f"exceeds NUM_LAYERS={self.num_layers}",
-             f"set XSA_LAST_N <= {self.num_layers}")
+             "use a multiple of NUM_HEADS")
+        need(self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS", f"must divide NUM_HEADS={self.num_heads}",
+             "use a divisor of NUM_HEADS")
+        need(hd % 2 == 0, "MODEL_DIM", f"head dim {hd} is odd", "make MODEL_DIM / NUM_HEADS even")
+        need(self.rope_dims % 2 == 0 and self.rope_dims <= hd, "ROPE_DIMS", f"must be even and <= head dim {hd}",
+             f"set ROPE_DIMS to an even number <= {hd}")
+        need(self.xsa_last_n <= L, "XSA_LAST_N", f"exceeds NUM_LAYERS={L}", f"set XSA_LAST_N <= {L}")
         need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "needs at least 2 rows", "set 0 (off) or >= 2")
-        if self.ve_enabled:
-            need(bool(self.ve_layers) and all(0 <= i < self.num_layers for i in self.ve_layers)
-                 and len(set(self.ve_layers)) == len(self.ve_layers), "VE_LAYERS",
-                 f"needs distinct layer indices in [0, {self.num_layers})",
-                 f"e.g. VE_LAYERS={self.num_layers - 2},{self.num_layers - 1} or VE_ENABLED=0")
+        need(not self.ve_enabled or (self.ve_layers and len(set(self.ve_layers)) == len(self.ve_layers)
+                                     and all(0 <= i < L for i in self.ve_layers)), "VE_LAYERS",
+             f"needs distinct layer indices in [0, NUM_LAYERS={L})", f"e.g. VE_LAYERS={L - 2},{L - 1} or VE_ENABLED=0")
         per_step = self.world_size * self.grad_accum_steps * self.train_seq_len
-        need(self.train_batch_tokens % per_step == 0, "TRAIN_BATCH_TOKENS",
-             f"not divisible by world {self.world_size} x accumulation {self.grad_accum_steps} x TRAIN_SEQ_LEN "
-             f"{self.train_seq_len} = {per_step}", f"use a multiple of {per_step}")
+        need(self.train_batch_tokens % per_step == 0, "TRAIN_BATCH_TOKENS", f"not divisible by world {self.world_size}"
+             f" x GRAD_ACCUM_STEPS {self.grad_accum_steps} x TRAIN_SEQ_LEN = {per_step}",
+             f"use a multiple of {per_step}")
         need(self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", f"exceeds EVAL_SEQ_LEN={self.eval_seq_len}",
              "use a stride <= EVAL_SEQ_LEN")
         need(self.slot_lr_min <= self.slot_lr, "SLOT_LR_MIN", f"exceeds SLOT_LR={self.slot_lr}",
              "set SLOT_LR_MIN <= SLOT_LR")
-        for name, value, choices in [("SLOT_MODE", [self.slot_mode], ("scored", "causal")),
-                                     ("SWEEP_SLOT_MODE", self.sweep_slot_mode, ("scored", "causal")),
-                                     ("SLOT_DELTA", [self.slot_delta], ("window", "batch")),
-                                     ("GPTQ_CALIB", [self.gptq_calib], ("selfgen", "train"))]:
-            need(all(v in choices for v in value), name, f"must be one of {', '.join(choices)}",
-                 f"set {name}={choices[0]} or {name}={choices[1]}")
-        if self.slot_delta == "batch":
-            need("causal" not in [self.slot_mode] + self.sweep_slot_mode, "SLOT_DELTA",
-                 "a delta shared across a batch is fitted on windows whose context reaches past other windows' "
-                 "scored tokens, so SLOT_MODE=causal would leak", "use SLOT_DELTA=window with SLOT_MODE=causal")
-        for s in self.sweep_eval_stride:
-            need(0 < s <= self.eval_seq_len, "SWEEP_EVAL_STRIDE", f"stride {s} not in [1, EVAL_SEQ_LEN]",
-                 "list strides between 1 and EVAL_SEQ_LEN")
+        for name, ok in choices.items():
+            value = getattr(self, name.lower())
+            need(all(v in ok for v in (value if isinstance(value, list) else [value])), name,
+                 f"must be one of {', '.join(ok)}", f"set {name}={ok[0]} or {name}={ok[1]}")
+        need(self.slot_delta == "window" or "causal" not in [self.slot_mode] + self.sweep_slot_mode, "SLOT_DELTA",
+             "one delta per batch is fitted on windows whose context reaches past other windows' scored tokens, so "
+             "SLOT_MODE=causal would leak", "use SLOT_DELTA=window with SLOT_MODE=causal")
+        need(all(0 < v <= self.eval_seq_len for v in self.sweep_eval_stride), "SWEEP_EVAL_STRIDE",
+             "strides must be in [1, EVAL_SEQ_LEN]", "list strides between 1 and EVAL_SEQ_LEN")
         for n in ["SWEEP_SLOT_STEPS", "SWEEP_SLOT_LR", "SWEEP_SLOT_LR_MIN"]:
             need(all(v >= 0 for v in getattr(self, n.lower())), n, "values must be >= 0", f"list values >= 0 in {n}")
-        if self.gptq_calib == "train" and self.max_wallclock_seconds > 0 and not self.eval_only:
-            need(self.gptq_reserve_seconds < self.max_wallclock_seconds, "GPTQ_RESERVE_SECONDS",
-                 "leaves no training time", "keep it well below MAX_WALLCLOCK_SECONDS")
-        if self.eval_only:
-            need(bool(self.artifact) and Path(self.artifact).is_file(), "ARTIFACT",
-                 "EVAL_ONLY=1 needs an existing artifact file", "set ARTIFACT=<path of a .pgz written by a run>")
-
+        need(self.gptq_calib != "train" or self.eval_only or not self.max_wallclock_seconds
+             or self.gptq_reserve_seconds < self.max_wallclock_seconds, "GPTQ_RESERVE_SECONDS",
+             "leaves no training time", "keep it well below MAX_WALLCLOCK_SECONDS")
+        need(not self.eval_only or (self.artifact and Path(self.artifact).is_file()), "ARTIFACT",
+             "EVAL_ONLY=1 needs an existing artifact file", "set ARTIFACT=<path of a .pgz written by a run>")
 
 def warn_env_typos(env=None):
     """Names our own env vars nearly match but don't (SLOT_STPES), with the closest real one."""
@@ -252,7 +238,6 @@ def warn_env_typos(env=None):
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 BOS_ID = 1
 
-
 def shard_token_count(path):
     """Checks a shard's header against its size; returns its token count."""
     size = os.path.getsize(path)
@@ -267,10 +252,8 @@ def shard_token_count(path):
                           f"{size} bytes (truncated or corrupt); fix: re-download it with `bash run.sh data`")
     return int(header[2])
 
-
 def load_shard(path):
     return np.fromfile(path, dtype="<u2", offset=HEADER_INTS * 4)
-
 
 def find_shards(data_path, split):
     if not Path(data_path).is_dir():
@@ -284,16 +267,12 @@ def find_shards(data_path, split):
         shard_token_count(f)
     return files
 
-
 class TrainLoader:
     """Reads the train shards in order; each call takes one global micro-batch and keeps this rank's slice."""
 
     def __init__(self, files, rank, world, device):
         self.files, self.rank, self.world, self.device = files, rank, world, device
-        self.reset()
-
-    def reset(self):
-        self.file_idx, self.pos, self.tokens = 0, 0, load_shard(self.files[0])
+        self.file_idx, self.pos, self.tokens = 0, 0, load_shard(files[0])
 
     def _take(self, n):
         parts = []
@@ -314,7 +293,6 @@ class TrainLoader:
             t = t.pin_memory().to(self.device, non_blocking=True)  # overlaps the copy with queued compute
         return t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)
 
-
 def load_tokenizer(path, vocab_size):
     import sentencepiece as spm
     if not Path(path).is_file():
@@ -325,7 +303,6 @@ def load_tokenizer(path, vocab_size):
         raise ConfigError(f"TOKENIZER_PATH={path!r} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; "
                           "fix: set VOCAB_SIZE to the tokenizer's size or use the matching tokenizer")
     return sp
-
 
 def byte_tables(sp, vocab_size):
     """Per-id UTF-8 length without the leading '▁', has-leading-'▁', and boundary flags (SPEC section 3)."""
@@ -345,7 +322,6 @@ def byte_tables(sp, vocab_size):
         base[i] = len(piece.encode("utf-8"))
     return base, space, boundary
 
-
 def target_bytes(tokens, tables):
     """Byte count of each target tokens[1:] given its previous token."""
     base, space, boundary = tables
@@ -353,23 +329,23 @@ def target_bytes(tokens, tables):
     return base[tgt] + (space[tgt] & ~boundary[prev])
 
 
-def load_val(files, limit):
-    tokens = np.concatenate([load_shard(f) for f in files])
-    return tokens[:limit] if limit else tokens
-
-
 # ----------------------------------------------------------------------------- model
 
 def rms_norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
+def softcap_logits(h, weight, cap, bias=None):
+    """cap * tanh(z / cap) of z = h W^T (+ bias, added before the cap)."""
+    z = F.linear(h, weight)
+    if bias is not None:
+        z = z + bias
+    return cap * torch.tanh(z / cap)
 
 def fake_quant_int6(w):
     """Per-row int6 round trip (scale = row max / 31) with a straight-through gradient."""
     scale = w.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 31.0
     q = torch.clamp(torch.round(w.detach() / scale), -31, 31) * scale
     return w + (q - w).detach()
-
 
 class CastedLinear(nn.Linear):
     """fp32 master weight cast to the activation dtype; block matrices train through int6 once late QAT starts."""
@@ -383,19 +359,13 @@ class CastedLinear(nn.Linear):
         w = fake_quant_int6(self.weight) if (self.quantized and CastedLinear.qat) else self.weight
         return F.linear(x, w.to(x.dtype))
 
-
 def _attention_kernel():
-    with contextlib.suppress(ImportError):
-        from flash_attn_interface import flash_attn_func
-        return "flash-attn-3", flash_attn_func
-    with contextlib.suppress(ImportError):
-        from flash_attn import flash_attn_func
-        return "flash-attn-2", flash_attn_func
+    for module, name in (("flash_attn_interface", "flash-attn-3"), ("flash_attn", "flash-attn-2")):
+        with contextlib.suppress(ImportError):
+            return name, importlib.import_module(module).flash_attn_func
     return "sdpa", None
 
-
 ATTN_NAME, ATTN_FN = _attention_kernel()
-
 
 def causal_attention(q, k, v):
     """q [B,T,H,D], k/v [B,T,KV,D]; GQA without repeating K/V."""
@@ -406,14 +376,12 @@ def causal_attention(q, k, v):
                                        enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
 
-
 def apply_rope(x, cos, sin, dims):
     """Rotates the first `dims` channels of each head (half-split pairs); the rest pass through."""
     if dims == 0:
         return x
     a, b, rest = x[..., :dims // 2], x[..., dims // 2:dims], x[..., dims:]
     return torch.cat([a * cos - b * sin, a * sin + b * cos, rest], dim=-1)
-
 
 def xsa(y, v):
     """Exclusive self-attention: drop from each head's output its component along its own
@@ -423,7 +391,6 @@ def xsa(y, v):
     yg = y.view(B, T, kv, H // kv, D)
     vn = F.normalize(v, dim=-1).unsqueeze(3)
     return (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
-
 
 class Attention(nn.Module):
     def __init__(self, c, layer):
@@ -452,7 +419,6 @@ class Attention(nn.Module):
             y = xsa(y, v)
         return self.proj(y.reshape(B, T, self.h * self.hd))
 
-
 class MLP(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -463,7 +429,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
-
 
 class Block(nn.Module):
     def __init__(self, c, layer):
@@ -481,12 +446,10 @@ class Block(nn.Module):
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.in_scale, cos, sin, ve)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.in_scale)
 
-
 def bigram_rows(ids, rows):
     """Hash of (previous, current) token; position 0 has no previous token and uses the last row."""
     h = torch.bitwise_xor(36313 * ids[:, 1:], 27191 * ids[:, :-1]) % (rows - 1)
     return torch.cat([torch.full_like(ids[:, :1], rows - 1), h], dim=1)
-
 
 class BigramHash(nn.Module):
     def __init__(self, rows, dim, d):
@@ -499,7 +462,6 @@ class BigramHash(nn.Module):
     def forward(self, ids):
         return self.proj(self.embed(bigram_rows(ids, self.rows))) * self.scale
 
-
 class SmearGate(nn.Module):
     """x_t <- (1 - s) x_t + s x_{t-1}, s = sigmoid(gate) per channel."""
 
@@ -511,7 +473,6 @@ class SmearGate(nn.Module):
         s = torch.sigmoid(self.gate).to(x.dtype)
         return (1 - s) * x + s * F.pad(x[:, :-1], (0, 0, 1, 0))
 
-
 class ValueEmbedding(nn.Module):
     def __init__(self, vocab, dim, kv_dim, n_layers):
         super().__init__()
@@ -522,7 +483,6 @@ class ValueEmbedding(nn.Module):
 
     def forward(self, ids):
         return self.proj(self.embed(ids)) * self.scale
-
 
 class GPT(nn.Module):
     def __init__(self, c):
@@ -585,7 +545,8 @@ class GPT(nn.Module):
             k = i - self.n_enc
             if self.skip_weights is not None and 0 <= k < len(self.skip_weights):
                 s = self.skip_weights[k].to(x.dtype) * skips.pop()
-                x = x + s if self.skip_gates is None else torch.lerp(x, s, torch.sigmoid(self.skip_gates[k]).to(x.dtype))
+                gate = None if self.skip_gates is None else torch.sigmoid(self.skip_gates[k]).to(x.dtype)
+                x = x + s if gate is None else torch.lerp(x, s, gate)
             ve_i = ve * self.ve.layer_scales[self.ve_layers.index(i)].to(ve.dtype) if i in self.ve_layers else None
             x = block(x, x0, cos, sin, ve_i)
             if i < self.n_enc:
@@ -593,11 +554,7 @@ class GPT(nn.Module):
         return rms_norm(x)
 
     def logits(self, h, bias=None):
-        """Soft-capped logits of hidden states h [..., d]; an optional additive bias enters before the cap."""
-        z = F.linear(h, self.head_weight().to(h.dtype))
-        if bias is not None:
-            z = z + bias
-        return self.softcap * torch.tanh(z / self.softcap)
+        return softcap_logits(h, self.head_weight().to(h.dtype), self.softcap, bias)
 
     def forward(self, ids, targets):
         z = self.logits(self.forward_hidden(ids)).float()
@@ -619,7 +576,6 @@ def newton_schulz(g, steps):
         A = x @ x.mT
         x = a * x + (b * A + c * A @ A) @ x
     return x.mT if tall else x
-
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, then Newton-Schulz. Matrices of one shape form a bank orthogonalised as one batch;
@@ -665,7 +621,6 @@ class Muon(torch.optim.Optimizer):
         buf = state["buf"].mul_(momentum).add_(p.grad)
         return p.grad.add(buf, alpha=momentum)
 
-
 def build_optimizers(model, a, rank, world):
     """Muon: the 2-D block matrices plus the bigram and value-embedding projections. AdamW: embedding tables,
     the untied head, and every vector and scalar (gains, scales, mixes, skip weights, gates)."""
@@ -686,7 +641,6 @@ def build_optimizers(model, a, rank, world):
             g["base_lr"] = g["lr"]
     return adam, muon
 
-
 def lr_multiplier(step, elapsed_ms, a, budget_ms):
     """1 until the warm-down, then linear to 0. With a time cap the warm-down is time-based: it starts once the
     remaining time is below WARMDOWN_ITERS mean step times."""
@@ -698,23 +652,18 @@ def lr_multiplier(step, elapsed_ms, a, budget_ms):
         return remaining / warmdown_ms if remaining < warmdown_ms else 1.0
     return min(1.0, max(a.iterations - step, 0) / a.warmdown_iters)
 
-
 class WeightAverage:
-    """fp32 EMA (decay d) or SWA (plain running mean) of the parameters, updated with foreach ops."""
+    """fp32 EMA (decay d) or SWA (running mean of the snapshots) of the parameters, updated with foreach ops."""
 
     def __init__(self, params, decay=None):
         self.params, self.decay, self.count = list(params), decay, 0
-        self.avg = [p.detach().float().clone() if decay else torch.zeros_like(p, dtype=torch.float32)
-                    for p in self.params]
+        self.avg = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self):
-        current = [p.detach().float() for p in self.params]
-        self.count += 1
-        if self.decay:
-            torch._foreach_lerp_(self.avg, current, 1.0 - self.decay)
-        else:
-            torch._foreach_lerp_(self.avg, current, 1.0 / self.count)
+        self.count += 1  # SWA: lerp by 1/count keeps the plain mean; the first snapshot replaces the initial copy
+        torch._foreach_lerp_(self.avg, [p.detach().float() for p in self.params],
+                             1.0 - self.decay if self.decay else 1.0 / self.count)
 
     @torch.no_grad()
     def apply(self):
@@ -748,15 +697,10 @@ class Ctx:
             dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
         return t
 
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
     def autocast(self):
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
 
 def train(a, ctx, model, train_files, val):
     """Runs the training loop; returns (steps, train_ms). Leaves the final weights (SWA, EMA or raw) in model."""
@@ -795,17 +739,16 @@ def train(a, ctx, model, train_files, val):
     if a.warmup_steps:
         t = time.perf_counter()
         saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        saved_opt = [adam.state_dict(), muon.state_dict()]
+        saved_opt = [copy.deepcopy(opt.state_dict()) for opt in (adam, muon)]
         for i in range(a.warmup_steps):
             # the last warm-up step also compiles the late-QAT graph, so switching it on later costs no time
             CastedLinear.qat = a.late_qat_threshold > 0 and i == a.warmup_steps - 1
             step_fn(0, 1.0)
         CastedLinear.qat = False
         model.load_state_dict(saved)
-        adam.load_state_dict(saved_opt[0])
-        muon.load_state_dict(saved_opt[1])
-        muon.state.clear()
-        loader.reset()
+        for opt, st in zip((adam, muon), saved_opt):
+            opt.load_state_dict(st)
+        loader = TrainLoader(train_files, ctx.rank, ctx.world, ctx.device)
         ctx.sync()
         ctx.log(f"warmup: {a.warmup_steps} steps in {time.perf_counter() - t:.1f}s; weights and optimizer restored")
 
@@ -815,7 +758,7 @@ def train(a, ctx, model, train_files, val):
             f"(GPTQ calibration reserve {reserve:g}s)")
     ema = WeightAverage(params, a.ema_decay) if a.ema_enabled else None
     swa = WeightAverage(params) if a.swa_enabled else None
-    step, train_ms, stop = 0, 0.0, False
+    step, train_ms, stop, pending = 0, 0.0, False, None
     ctx.sync()
     t0 = time.perf_counter()
     while step < a.iterations and not stop:
@@ -842,9 +785,10 @@ def train(a, ctx, model, train_files, val):
             loss = ctx.all_reduce(loss.clone()) / ctx.world
             ctx.log(f"step:{step}/{a.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
                     f"step_avg:{elapsed / step:.2f}ms")
-        if budget_ms:
-            flag = ctx.all_reduce(torch.tensor(float(elapsed >= budget_ms), device=ctx.device), dist.ReduceOp.MAX)
-            stop = bool(flag.item())
+        if budget_ms:  # ranks agree via the previous step's flag: reading it waits for that step, not this one
+            over = elapsed + elapsed / step >= budget_ms  # one step of margin for the lag
+            stop = pending is not None and bool(pending.item())
+            pending = ctx.all_reduce(torch.tensor(float(over), device=ctx.device), dist.ReduceOp.MAX)
     ctx.sync()
     train_ms += 1000 * (time.perf_counter() - t0)
     CastedLinear.qat = False
@@ -871,7 +815,6 @@ def train(a, ctx, model, train_files, val):
 
 CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 
-
 def quant_kind(name, t):
     """int6 GPTQ for attention/MLP matrices, int8 rows for large tables, fp16 for small matrices, fp32 for
     control vectors and scalars."""
@@ -881,14 +824,12 @@ def quant_kind(name, t):
         return "int8" if t.numel() > 65536 else "fp16"
     return "fp32"
 
-
 def quantize_rows(w, qmax, amax=None):
     """Round-to-nearest per-row quantisation: int8 values in [-qmax, qmax] and fp16 scales (row max / qmax)."""
     amax = w.abs().amax(dim=1) if amax is None else amax
     scale = (amax.float() / qmax).clamp_min(1e-7).half()
     q = torch.clamp(torch.round(w.float() / scale.float()[:, None]), -qmax, qmax)
     return q.to(torch.int8), scale
-
 
 def _gptq_columns(w, U, s, block, qmax):
     """GPTQ sweep over columns: quantise one column, spread its error over the later ones via the inverse
@@ -906,7 +847,6 @@ def _gptq_columns(w, U, s, block, qmax):
             err[:, j] = e
         w[:, j2:] -= err @ U[i:j2, j2:]
     return q
-
 
 def gptq_quantize(w, H, block=128, damp=0.01, qmax=31):
     """Full-Hessian GPTQ of w [out, in] with H = X^T X of its inputs. Columns go in order of decreasing H
@@ -930,7 +870,6 @@ def gptq_quantize(w, H, block=128, damp=0.01, qmax=31):
     rows = torch.arange(w.size(0), device=w.device)
     return q[best, rows][:, torch.argsort(perm)].to(torch.int8), scales[best, rows]
 
-
 @torch.no_grad()
 def collect_hessians(ctx, model, batches):
     """H = X^T X of the inputs of every int6 matrix over the calibration batches, summed over ranks."""
@@ -951,7 +890,6 @@ def collect_hessians(ctx, model, batches):
         h.remove()
     return {n + ".weight": ctx.all_reduce(t) for n, t in H.items()}
 
-
 @torch.no_grad()
 def self_generate(ctx, model, n_seqs, seq_len, temperature, seed):
     """Calibration text sampled from the trained model itself: no training data is read after the cap."""
@@ -963,7 +901,6 @@ def self_generate(ctx, model, n_seqs, seq_len, temperature, seed):
         p = torch.softmax(model.logits(h).float() / temperature, dim=-1)
         seq = torch.cat([seq, torch.multinomial(p, 1, generator=gen)], dim=1)
     return seq
-
 
 def quantize_state(state, hessians, block, damp):
     """Returns [(key, kind, np.ndarray)] for the artifact and, per int6 tensor, its H diagonal (pruning cost)."""
@@ -982,7 +919,6 @@ def quantize_state(state, hessians, block, damp):
                                                                                 else np.float32)))
     return tensors, hdiag
 
-
 def dequantize(arrays):
     """Artifact arrays -> float32 state dict."""
     state = {}
@@ -994,7 +930,6 @@ def dequantize(arrays):
         elif not key.endswith("#scale"):
             state[key] = torch.from_numpy(a.astype(np.float32))
     return state
-
 
 def prune_ones(tensors, hdiag, size_of, target, log):
     """Zeroes the +-1 int6 values of least reconstruction cost (scale^2 * H_jj) until size_of(tensors) <= target."""
@@ -1036,7 +971,6 @@ RANS_M = 1 << RANS_PROB_BITS
 # word iff x >= f << 17, after which x >> 16 < 2^16 <= f << 17; decoding restores the pre-encode state, which is
 # below 2^16 exactly when the encoder emitted, so one 16-bit read brings it back into range.
 
-
 def _rans_freqs(counts):
     """Counts -> integer frequencies summing to RANS_M, >= 1 for every present symbol, minimising the coded size
     sum(c * -log2(f / M)) by greedy unit moves (optimal: the cost is separable and convex in each f)."""
@@ -1056,7 +990,6 @@ def _rans_freqs(counts):
             f[np.argmin(cost)] -= 1
         else:
             return f
-
 
 def rans_encode(sym, seg_lens):
     """Interleaved static rANS of an int8 stream; every segment (tensor) has its own order-0 table. Position i
@@ -1090,7 +1023,6 @@ def rans_encode(sym, seg_lens):
     words = np.concatenate(chunks[::-1] + [np.zeros(0, np.uint16)])  # the decoder reads step 0 first
     return b"".join([struct.pack("<4sIQ", b"rAN1", lanes, len(words)), np.array(lohi, np.int8).tobytes(),
                      allf.astype("<u2").tobytes(), x.astype("<u4").tobytes(), words.astype("<u2").tobytes()])
-
 
 def rans_decode(blob, seg_lens):
     n, n_seg, pos = sum(seg_lens), len(seg_lens), 0
@@ -1141,7 +1073,6 @@ def rans_decode(blob, seg_lens):
         raise ValueError("rANS stream does not end in its initial state")
     return out
 
-
 def entropy_bound_bytes(sym, seg_lens):
     """Order-0 bound: sum over segments of count x empirical entropy, in bytes."""
     bounds, bits = np.cumsum([0] + list(seg_lens)), 0.0
@@ -1157,19 +1088,19 @@ def entropy_bound_bytes(sym, seg_lens):
 ART_MAGIC, ART_VERSION = b"PGOLFART", 1
 ART_PREFIX = struct.Struct("<8sII32s")  # magic, format version, header length, sha256 of the header
 NP_DTYPE = {"int6": np.int8, "int8": np.int8, "fp16": np.float16, "fp32": np.float32}
-
+INT_KINDS = ("int6", "int8")
 
 def pack_raw(tensors):
-    """Concatenates the arrays; fp16 bytes are split into low and high planes, which compress better."""
+    """Concatenates the arrays, integer symbols first (the rANS codec codes that prefix); fp16 bytes are split
+    into low and high planes, which compress better."""
     entries, parts, off = [], [], 0
-    for key, kind, a in tensors:
+    for key, kind, a in sorted(tensors, key=lambda t: t[1] not in INT_KINDS):
         b = np.ascontiguousarray(a, NP_DTYPE[kind]).view(np.uint8)
         b = b.reshape(-1, 2).T.tobytes() if kind == "fp16" else b.tobytes()
         entries.append(dict(key=key, kind=kind, shape=list(a.shape), offset=off, nbytes=len(b)))
         parts.append(b)
         off += len(b)
     return entries, b"".join(parts)
-
 
 def unpack_raw(entries, raw):
     out = {}
@@ -1180,30 +1111,17 @@ def unpack_raw(entries, raw):
         out[e["key"]] = b.view(NP_DTYPE[e["kind"]]).reshape(e["shape"]).copy()
     return out
 
+def int_lens(entries):
+    return [e["nbytes"] for e in entries if e["kind"] in INT_KINDS]
 
 def _rans_pack(raw, entries):
-    ints = [e for e in entries if e["kind"] in ("int6", "int8")]
-    sym = np.frombuffer(b"".join(raw[e["offset"]:e["offset"] + e["nbytes"]] for e in ints), np.int8)
-    rest = b"".join(raw[e["offset"]:e["offset"] + e["nbytes"]] for e in entries if e not in ints)
-    coded = rans_encode(sym, [e["nbytes"] for e in ints])
-    return struct.pack("<Q", len(coded)) + coded + lzma.compress(rest, preset=9)
-
+    lens = int_lens(entries)
+    coded = rans_encode(np.frombuffer(raw[:sum(lens)], np.int8), lens)
+    return struct.pack("<Q", len(coded)) + coded + lzma.compress(raw[sum(lens):], preset=9)
 
 def _rans_unpack(blob, entries):
-    (n,) = struct.unpack("<Q", blob[:8])
-    ints = [e for e in entries if e["kind"] in ("int6", "int8")]
-    sym = rans_decode(blob[8:8 + n], [e["nbytes"] for e in ints]).tobytes()
-    rest = lzma.decompress(blob[8 + n:])
-    parts, si, ri = [], 0, 0
-    for e in entries:
-        if e in ints:
-            parts.append(sym[si:si + e["nbytes"]])
-            si += e["nbytes"]
-        else:
-            parts.append(rest[ri:ri + e["nbytes"]])
-            ri += e["nbytes"]
-    return b"".join(parts)
-
+    (n,) = struct.unpack_from("<Q", blob)
+    return rans_decode(blob[8:8 + n], int_lens(entries)).tobytes() + lzma.decompress(blob[8 + n:])
 
 def codecs():
     """name -> (compress(raw, entries), decompress(blob, entries)) or a reason it is unavailable."""
@@ -1223,10 +1141,8 @@ def codecs():
         out["brotli-11"] = "python package brotli is not installed"
     return out
 
-
 class ArtifactError(ConfigError):
     pass
-
 
 def encode_artifact(tensors, codec, label, config):
     entries, raw = pack_raw(tensors)
@@ -1235,7 +1151,6 @@ def encode_artifact(tensors, codec, label, config):
                              raw_sha256=hashlib.sha256(raw).hexdigest(), payload_bytes=len(payload),
                              payload_sha256=hashlib.sha256(payload).hexdigest()), separators=(",", ":")).encode()
     return ART_PREFIX.pack(ART_MAGIC, ART_VERSION, len(header), hashlib.sha256(header).digest()) + header + payload
-
 
 def read_artifact(path):
     """Returns (header, arrays). Never unpickles; any damage is one ArtifactError line naming the file."""
@@ -1266,7 +1181,6 @@ def read_artifact(path):
         raise bad(f"decoded data checksum mismatch (codec {header['codec']})")
     return header, unpack_raw(header["entries"], raw)
 
-
 def export(a, ctx, state, hessians, code_bytes):
     """Quantises, measures every codec, keeps the smallest bit-exact one, prunes to TARGET_BYTES, writes ARTIFACT.
     Rank 0 only; returns the model byte count."""
@@ -1274,30 +1188,27 @@ def export(a, ctx, state, hessians, code_bytes):
     tensors, hdiag = quantize_state(state, hessians, a.gptq_block, a.gptq_damp)
     ctx.log(f"gptq: {len(hdiag)} int6 matrices in {time.perf_counter() - t0:.1f}s")
     entries, raw = pack_raw(tensors)
-    ints = [e for e in entries if e["kind"] in ("int6", "int8")]
-    sym = np.frombuffer(b"".join(raw[e["offset"]:e["offset"] + e["nbytes"]] for e in ints), np.int8)
-    bound = entropy_bound_bytes(sym, [e["nbytes"] for e in ints])
+    lens = int_lens(entries)
+    sym = np.frombuffer(raw[:sum(lens)], np.int8)
+    bound = entropy_bound_bytes(sym, lens)
     sizes = {}
     for name, codec in codecs().items():
-        if name == "none":
-            continue
-        if not isinstance(codec, tuple):
+        if isinstance(codec, str):
             ctx.log(f"codec:{name} skipped ({codec})")
+        if isinstance(codec, str) or name == "none":
             continue
         t = time.perf_counter()
         blob = codec[0](raw, entries)
         exact = codec[1](blob, entries) == raw
-        extra = ""
-        if name == "rans":
-            n = struct.unpack("<Q", blob[:8])[0]
-            extra = f" symbols_bytes:{n} symbols/bound:{n / bound:.4f}"
+        n = struct.unpack_from("<Q", blob)[0] if name == "rans" else 0
+        extra = f" symbols_bytes:{n} symbols/bound:{n / bound:.4f}" if n else ""
         ctx.log(f"codec:{name} bytes:{len(blob)} exact:{int(exact)} seconds:{time.perf_counter() - t:.1f}{extra}")
         if exact:
             sizes[name] = len(blob)
     ctx.log(f"entropy_bound: symbols:{len(sym)} bytes:{bound:.0f} (order-0, per tensor, int6+int8 values)")
     best = min(sizes, key=sizes.get)
     ctx.log(f"codec_chosen: {best}")
-    config = {k: (list(v) if isinstance(v, list) else v) for k, v in a.arch().items()}
+    config = a.arch()
 
     def total(ts):
         return code_bytes + len(encode_artifact(ts, best, "int6", config))
@@ -1319,7 +1230,6 @@ def window_starts(n_targets, seq_len, stride):
     span = n_targets - seq_len + stride
     return np.arange(max(1, -(-span // stride)) if span > 0 else 1) * stride
 
-
 def window_batch(val, starts, seq_len, stride, batch, device):
     """Inputs, targets, scored mask, already-scored (context) mask and target bytes for a batch of windows, padded
     to `batch` windows with empty masks so that every batch has one shape."""
@@ -1337,14 +1247,6 @@ def window_batch(val, starts, seq_len, stride, batch, device):
     t = lambda arr: torch.from_numpy(arr).to(device)
     return t(x), t(y), t(score), t(context), t(tbytes[idx].astype(np.float64))
 
-
-def softcap_logits(h, weight, cap, bias=None):
-    z = F.linear(h, weight)
-    if bias is not None:
-        z = z + bias
-    return cap * torch.tanh(z / cap)
-
-
 def slot_fit(model, h, mask, y, p):
     """SLOT: a delta on the final hidden state and a logit bias (zero-init; per window, or one per batch) fitted by
     AdamW with a cosine lr on the mean NLL of the masked positions. Logits are projected only at those positions."""
@@ -1360,13 +1262,13 @@ def slot_fit(model, h, mask, y, p):
     opt = torch.optim.AdamW([delta, bias], lr=p["lr"], weight_decay=1e-8, eps=1e-5)
     with torch.enable_grad():
         for i in range(p["steps"]):
-            opt.param_groups[0]["lr"] = p["lr_min"] + 0.5 * (p["lr"] - p["lr_min"]) * (1 + math.cos(math.pi * i / p["steps"]))
+            cosine = 0.5 * (1 + math.cos(math.pi * i / p["steps"]))
+            opt.param_groups[0]["lr"] = p["lr_min"] + (p["lr"] - p["lr_min"]) * cosine
             loss = F.cross_entropy(softcap_logits(hs + delta[r], W, model.softcap, bias[r]), ys)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     return delta.detach(), bias.detach()
-
 
 def evaluate(ctx, model, val, seq_len, stride, batch, points=(None,), label="eval"):
     """Scores every val target once (windows of seq_len every stride tokens, split across ranks). Each point is
@@ -1387,7 +1289,8 @@ def evaluate(ctx, model, val, seq_len, stride, batch, points=(None,), label="eva
             h = hidden(x)
         h = h.detach().float()
         rows, cols = score.nonzero(as_tuple=True)
-        ys = y[rows, cols]
+        ys, nb = y[rows, cols], nbytes[rows, cols]
+        counts = torch.stack([nb.sum(), nb.new_tensor(float(len(nb)))])
         ctx.sync()
         secs += time.perf_counter() - t
         for i, p in enumerate(points):
@@ -1400,7 +1303,8 @@ def evaluate(ctx, model, val, seq_len, stride, batch, points=(None,), label="eva
             with torch.no_grad():
                 hs = h[rows, cols] if delta is None else h[rows, cols] + delta
                 nll = F.cross_entropy(softcap_logits(hs, W, model.softcap, bias), ys, reduction="none")
-            sums[i] += torch.stack([nll.double().sum(), nbytes[rows, cols].sum(), torch.tensor(len(ys), device=ctx.device, dtype=torch.float64)])
+            sums[i, 0] += nll.double().sum()
+            sums[i, 1:] += counts
             ctx.sync()
             secs[i] += time.perf_counter() - t
         if b == min(2, n_batches - 1) and n_batches > 1:
@@ -1429,7 +1333,6 @@ def setup_distributed():
                                 device_id=device if device.type == "cuda" else None)
     return rank, world, local, device
 
-
 def on_main(ctx, fn):
     """Runs fn on rank 0 and hands its result (or its one-line error) to every rank."""
     out = [None, None]
@@ -1444,7 +1347,6 @@ def on_main(ctx, fn):
         raise ConfigError(out[1])
     return out[0]
 
-
 def model_from(config, state, ctx, compile_eval):
     model = GPT(config).to(ctx.device)
     try:
@@ -1456,12 +1358,14 @@ def model_from(config, state, ctx, compile_eval):
         model.eval_hidden = torch.compile(model.forward_hidden, dynamic=False)
     return model
 
-
 def run(a, ctx, run_id, code_bytes):
     sp = load_tokenizer(a.tokenizer_path, a.vocab_size)
     val_files = find_shards(a.data_path, "val")
     train_files = None if a.eval_only else find_shards(a.data_path, "train")
-    tokens = load_val(val_files, a.val_tokens)
+    tokens = np.concatenate([load_shard(f) for f in val_files])[:a.val_tokens or None]
+    if tokens.max() >= a.vocab_size:
+        raise ConfigError(f"DATA_PATH={a.data_path!r}: val token id {tokens.max()} >= VOCAB_SIZE={a.vocab_size}; fix: "
+                          "use shards made with the TOKENIZER_PATH tokenizer")
     val = (tokens, target_bytes(tokens, byte_tables(sp, a.vocab_size)))
     ctx.log(f"val_loader: tokens:{len(tokens)} bytes:{int(val[1].sum())}")
     results, steps, train_ms = {}, 0, 0.0
@@ -1484,11 +1388,11 @@ def run(a, ctx, run_id, code_bytes):
         t = time.perf_counter()
         n_cal = -(-a.gptq_calib_batches // ctx.world)
         if a.gptq_calib == "train":
-            x, _ = loader.next_batch(n_cal * a.train_seq_len // 1, a.train_seq_len)
+            x, _ = loader.next_batch(n_cal * a.train_seq_len, a.train_seq_len)
             H = collect_hessians(ctx, model, x.split(8))
             cal = time.perf_counter() - t
             ctx.log(f"gptq_calib: train, {n_cal * ctx.world} sequences in {cal:.1f}s; training {train_ms / 1000:.1f}s "
-                    f"+ calibration = {train_ms / 1000 + cal:.1f}s of MAX_WALLCLOCK_SECONDS={a.max_wallclock_seconds:g}")
+                    f"+ calibration = {train_ms / 1000 + cal:.1f}s of the {a.max_wallclock_seconds:g}s cap")
         state = {k: v.detach().float() for k, v in model.state_dict().items()}
         on_main(ctx, lambda: Path(str(log_base) + ".prequant.pgz").write_bytes(encode_artifact(
             [(k, "fp32", v.cpu().numpy()) for k, v in state.items()], "none", "prequant", a.arch())))
@@ -1508,7 +1412,6 @@ def run(a, ctx, run_id, code_bytes):
         results["prequant"] = evaluate(ctx, model, val, L, L, a.eval_batch, label="prequant eval")[0]
         ctx.log(f"final_prequant_exact val_loss:{results['prequant'][0]:.8f} val_bpb:{results['prequant'][1]:.8f}")
         del model
-        ctx.barrier()
         header, arrays = read_artifact(a.artifact)
     model = model_from(header["config"], dequantize(arrays), ctx, a.compile)
     label = header["label"]
@@ -1523,7 +1426,8 @@ def run(a, ctx, run_id, code_bytes):
         rows = []
         for stride in sorted({p["stride"] for p in grid}):
             pts = [None] + [p for p in grid if p["stride"] == stride]
-            for p, r in zip(pts, evaluate(ctx, model, val, L, stride, a.slot_batch, pts, label=f"sweep stride {stride}")):
+            res = evaluate(ctx, model, val, L, stride, a.slot_batch, pts, label=f"sweep stride {stride}")
+            for p, r in zip(pts, res):
                 p = p or dict(mode="plain", delta="-", steps=0, lr=0.0, lr_min=0.0, stride=stride)
                 rows.append(f"| {p['mode']} | {p['delta']} | {p['steps']} | {p['lr']:g} | {p['lr_min']:g} | "
                             f"{stride} | {r[0]:.6f} | {r[1]:.6f} | {r[2]:.1f} |")
@@ -1536,14 +1440,13 @@ def run(a, ctx, run_id, code_bytes):
         ctx.log(f"final_slot_exact mode:{a.slot_mode} delta:{a.slot_delta} steps:{a.slot_steps} val_loss:{r[0]:.8f} "
                 f"val_bpb:{r[1]:.8f} eval_time:{r[2]:.1f}s")
     if ctx.main:
-        write_submission(a, ctx, run_id, results, code_bytes, os.path.getsize(a.artifact), label, steps, train_ms)
+        write_submission(a, ctx, run_id, results, code_bytes, os.path.getsize(a.artifact), header, steps, train_ms)
 
-
-def write_submission(a, ctx, run_id, results, code_bytes, model_bytes, label, steps, train_ms):
+def write_submission(a, ctx, run_id, results, code_bytes, model_bytes, header, steps, train_ms):
     metric = next(k for k in ("slot", "sliding", "roundtrip") if k in results)
     hw = (f"{ctx.world}x {torch.cuda.get_device_name()}" if ctx.device.type == "cuda"
           else f"{ctx.world}x CPU ({torch.get_num_threads()} threads)")
-    c = a.arch() if not a.eval_only else read_artifact(a.artifact)[0]["config"]
+    c, label = header["config"], header["label"]
     what = {"slot": f"SLOT mode {a.slot_mode} ({a.slot_steps} steps, stride {a.eval_stride})",
             "sliding": f"sliding window stride {a.eval_stride}", "roundtrip": "plain windows"}[metric]
     sub = dict(author=a.author, github_id=a.github_id, name=run_id, date=datetime.now(timezone.utc).isoformat(),
@@ -1558,7 +1461,6 @@ def write_submission(a, ctx, run_id, results, code_bytes, model_bytes, label, st
     path = Path(a.log_dir) / f"{run_id}.submission.json"
     path.write_text(json.dumps(sub, indent=2) + "\n")
     ctx.log(f"submission: {path} val_bpb:{sub['val_bpb']:.8f} ({metric})")
-
 
 def main():
     code_bytes = len(Path(__file__).read_bytes())
@@ -1588,7 +1490,6 @@ def main():
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()
