@@ -220,17 +220,12 @@ class Settings:
              "EVAL_ONLY=1 needs an existing artifact file", "set ARTIFACT=<path of a .pgz written by a run>")
 
 def warn_env_typos(env=None):
-    """Names our own env vars nearly match but don't (SLOT_STPES), with the closest real one."""
-    env = os.environ if env is None else env
+    """A warning for each env var that nearly matches a setting without being one (SLOT_STPES), naming the closest."""
     known = [n for n, *_ in SETTINGS]
-    out = []
-    for key in sorted(env):
-        if key in known or not key.isupper():
-            continue
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
-        if close:
-            out.append(f"warning: env var {key} is not a setting of train_gpt.py; did you mean {close[0]}?")
-    return out
+    close = {k: difflib.get_close_matches(k, known, n=1, cutoff=0.8)
+             for k in sorted(os.environ if env is None else env) if k.isupper() and k not in known}
+    return [f"warning: env var {k} is not a setting of train_gpt.py; did you mean {m[0]}?"
+            for k, m in close.items() if m]
 
 
 # ----------------------------------------------------------------------------- data
@@ -685,8 +680,7 @@ class Ctx:
         if self.main:
             print(msg, flush=True)
             if self.log_file:
-                self.log_file.write(msg + "\n")
-                self.log_file.flush()
+                print(msg, file=self.log_file, flush=True)
 
     def sync(self):
         if self.device.type == "cuda":
@@ -705,7 +699,9 @@ class Ctx:
 def train(a, ctx, model, train_files, val):
     """Runs the training loop; returns (steps, train_ms). Leaves the final weights (SWA, EMA or raw) in model."""
     loader = TrainLoader(train_files, ctx.rank, ctx.world, ctx.device)
-    compiled = torch.compile(model, dynamic=False, fullgraph=True) if ctx.device.type == "cuda" and a.compile else model
+    # flash-attn kernels may not trace whole, so fullgraph is demanded only of the SDPA path
+    compiled = (torch.compile(model, dynamic=False, fullgraph=ATTN_FN is None) if ctx.device.type == "cuda"
+                and a.compile else model)
     net = compiled
     if ctx.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -1167,19 +1163,24 @@ def read_artifact(path):
     header_bytes = data[ART_PREFIX.size:ART_PREFIX.size + hlen]
     if len(header_bytes) != hlen or hashlib.sha256(header_bytes).digest() != hsha:
         raise bad("header checksum mismatch (truncated or corrupt)")
-    header = json.loads(header_bytes)
-    payload = data[ART_PREFIX.size + hlen:]
-    if len(payload) != header["payload_bytes"]:
-        raise bad(f"payload is {len(payload)} bytes, header says {header['payload_bytes']} (truncated)")
-    if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
-        raise bad("payload checksum mismatch (corrupt)")
-    codec = codecs().get(header["codec"])
-    if not isinstance(codec, tuple):
-        raise bad(f"codec {header['codec']} unavailable ({codec or 'unknown codec'})")
-    raw = codec[1](payload, header["entries"])
-    if hashlib.sha256(raw).hexdigest() != header["raw_sha256"]:
-        raise bad(f"decoded data checksum mismatch (codec {header['codec']})")
-    return header, unpack_raw(header["entries"], raw)
+    try:
+        header = json.loads(header_bytes)
+        payload = data[ART_PREFIX.size + hlen:]
+        if len(payload) != header["payload_bytes"]:
+            raise bad(f"payload is {len(payload)} bytes, header says {header['payload_bytes']} (truncated)")
+        if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
+            raise bad("payload checksum mismatch (corrupt)")
+        codec = codecs().get(header["codec"])
+        if not isinstance(codec, tuple):
+            raise bad(f"codec {header['codec']} unavailable ({codec or 'unknown codec'})")
+        raw = codec[1](payload, header["entries"])
+        if hashlib.sha256(raw).hexdigest() != header["raw_sha256"]:
+            raise bad(f"decoded data checksum mismatch (codec {header['codec']})")
+        return header, unpack_raw(header["entries"], raw)
+    except ArtifactError:
+        raise
+    except Exception as e:  # checksums are no signature: an edited file with fresh sums must still fail cleanly
+        raise bad(f"unreadable header or payload ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
 
 def export(a, ctx, state, hessians, code_bytes):
     """Quantises, measures every codec, keeps the smallest bit-exact one, prunes to TARGET_BYTES, writes ARTIFACT.

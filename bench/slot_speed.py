@@ -95,7 +95,10 @@ def main():
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=0, help="AdamW steps per timed fit (0: 16 on CUDA, 2 on CPU)")
     ap.add_argument("--repeats", type=int, default=0, help="timed fits per path (0: 10 on CUDA, 3 on CPU)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32

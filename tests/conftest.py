@@ -36,8 +36,13 @@ TOY = {
 def run_script(env, args=(), timeout=300, launcher=()):
     """Runs `python [launcher...] train_gpt.py [args...]` from the repo root with a minimal clean environment:
     PATH and HOME, no PYTHONPATH, plus `env` (values str()-ed). LOG_DIR defaults to a fresh temp folder.
-    Returns the CompletedProcess (text mode) with `.log_dir` (Path) and `.env` (the full env) attached."""
-    full = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
+    Returns the CompletedProcess (text mode) with `.log_dir` (Path) and `.env` (the full env) attached.
+
+    OMP_WAIT_POLICY=PASSIVE (overridable through `env`): train_gpt.py sets torch to cpu_count // local world
+    threads, and with spinning OpenMP workers a toy run on a 2-core machine that has any other load gets 10-40x
+    slower (a 0.1 s forward/backward took 12 s); passive waiting changes no result, only the waiting."""
+    full = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
+            "OMP_WAIT_POLICY": "PASSIVE"}
     full.update({k: str(v) for k, v in env.items()})
     if "LOG_DIR" not in full:
         full["LOG_DIR"] = tempfile.mkdtemp(prefix="train_gpt_logs_")
