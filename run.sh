@@ -37,9 +37,9 @@ case "$cmd" in
   smoke)  # train + export + round trip + sliding + SLOT (scored), then an eval-only run of causal SLOT
     ensure_deps
     toy_defaults
-    RUN_ID=${RUN_ID:-smoke}
-    RUN_ID=$RUN_ID python train_gpt.py
-    RUN_ID=${RUN_ID}_causal EVAL_ONLY=1 ARTIFACT=${LOG_DIR:-logs}/$RUN_ID.int6.pgz SLOT_MODE=causal SLIDING_ENABLED=0 \
+    run=${RUN_ID:-smoke}
+    RUN_ID=$run python train_gpt.py
+    RUN_ID=${run}_causal EVAL_ONLY=1 ARTIFACT=${LOG_DIR:-logs}/$run.int6.pgz SLOT_MODE=causal SLIDING_ENABLED=0 \
       python train_gpt.py
     ;;
   record)  # the record configuration on all local GPUs

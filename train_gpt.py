@@ -198,6 +198,7 @@ class Settings:
         need(self.train_batch_tokens % per_step == 0, "TRAIN_BATCH_TOKENS", f"not divisible by world {self.world_size}"
              f" x GRAD_ACCUM_STEPS {self.grad_accum_steps} x TRAIN_SEQ_LEN = {per_step}",
              f"use a multiple of {per_step}")
+        need(self.val_tokens != 1, "VAL_TOKENS", "one token has no target to score", "use 0 (all) or >= 2")
         need(self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", f"exceeds EVAL_SEQ_LEN={self.eval_seq_len}",
              "use a stride <= EVAL_SEQ_LEN")
         need(self.slot_lr_min <= self.slot_lr, "SLOT_LR_MIN", f"exceeds SLOT_LR={self.slot_lr}",
@@ -482,7 +483,6 @@ class ValueEmbedding(nn.Module):
 class GPT(nn.Module):
     def __init__(self, c):
         super().__init__()
-        self.c = dict(c)
         V, d, L = c["VOCAB_SIZE"], c["MODEL_DIM"], c["NUM_LAYERS"]
         self.softcap, self.rope_dims = c["LOGIT_SOFTCAP"], c["ROPE_DIMS"]
         self.tok_emb = nn.Embedding(V, d)
@@ -637,28 +637,28 @@ def build_optimizers(model, a, rank, world):
     return adam, muon
 
 def lr_multiplier(step, elapsed_ms, a, budget_ms):
-    """1 until the warm-down, then linear to 0. With a time cap the warm-down is time-based: it starts once the
-    remaining time is below WARMDOWN_ITERS mean step times."""
+    """1 until the warm-down, then linear to 0 over the last WARMDOWN_ITERS steps before ITERATIONS or, with a time
+    cap, over the last WARMDOWN_ITERS mean step times before the cap, whichever comes first."""
     if a.warmdown_iters == 0:
         return 1.0
+    by_steps = min(1.0, max(a.iterations - step, 0) / a.warmdown_iters)
     if budget_ms > 0:
         warmdown_ms = a.warmdown_iters * elapsed_ms / max(step, 1)
-        remaining = max(budget_ms - elapsed_ms, 0.0)
-        return remaining / warmdown_ms if remaining < warmdown_ms else 1.0
-    return min(1.0, max(a.iterations - step, 0) / a.warmdown_iters)
+        return min(by_steps, max(budget_ms - elapsed_ms, 0.0) / warmdown_ms if warmdown_ms else 1.0)
+    return by_steps
 
 class WeightAverage:
     """fp32 EMA (decay d) or SWA (running mean of the snapshots) of the parameters, updated with foreach ops."""
 
     def __init__(self, params, decay=None):
         self.params, self.decay, self.count = list(params), decay, 0
-        self.avg = [p.detach().float().clone() for p in self.params]
+        self.avg = [p.detach().float().clone() for p in self.params]  # decay None: SWA
 
     @torch.no_grad()
     def update(self):
         self.count += 1  # SWA: lerp by 1/count keeps the plain mean; the first snapshot replaces the initial copy
         torch._foreach_lerp_(self.avg, [p.detach().float() for p in self.params],
-                             1.0 - self.decay if self.decay else 1.0 / self.count)
+                             1.0 - self.decay if self.decay is not None else 1.0 / self.count)
 
     @torch.no_grad()
     def apply(self):
@@ -1328,7 +1328,8 @@ def setup_distributed():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
@@ -1364,9 +1365,10 @@ def run(a, ctx, run_id, code_bytes):
     val_files = find_shards(a.data_path, "val")
     train_files = None if a.eval_only else find_shards(a.data_path, "train")
     tokens = np.concatenate([load_shard(f) for f in val_files])[:a.val_tokens or None]
-    if tokens.max() >= a.vocab_size:
-        raise ConfigError(f"DATA_PATH={a.data_path!r}: val token id {tokens.max()} >= VOCAB_SIZE={a.vocab_size}; fix: "
-                          "use shards made with the TOKENIZER_PATH tokenizer")
+    if len(tokens) < 2 or tokens.max() >= a.vocab_size:
+        raise ConfigError(f"DATA_PATH={a.data_path!r}: the val shards hold {len(tokens)} tokens, max id "
+                          f"{tokens.max(initial=0)} (VOCAB_SIZE={a.vocab_size}); fix: use shards made with the "
+                          "TOKENIZER_PATH tokenizer")
     val = (tokens, target_bytes(tokens, byte_tables(sp, a.vocab_size)))
     ctx.log(f"val_loader: tokens:{len(tokens)} bytes:{int(val[1].sum())}")
     results, steps, train_ms = {}, 0, 0.0

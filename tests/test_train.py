@@ -320,7 +320,7 @@ def test_lr_multiplier_iteration_based():
 
 
 def test_lr_multiplier_time_based():
-    a = sched(warmdown_iters=100)
+    a = sched(iterations=20000, warmdown_iters=100)
     budget = 600_000.0
     # 500 ms per step: warm-down covers the last 100 * 500 = 50 s of the budget
     assert tg.lr_multiplier(100, 50_000.0, a, budget) == 1.0
@@ -333,6 +333,17 @@ def test_lr_multiplier_time_based():
     # record defaults: 3500 warm-down steps of 100 ms = 350 s, so at 300 s (3000 steps) 300/350 remains
     rec = sched(iterations=20000, warmdown_iters=3500)
     assert tg.lr_multiplier(3000, 300_000.0, rec, budget) == pytest.approx(300 / 350)
+
+
+def test_lr_multiplier_whichever_cap_comes_first():
+    budget = 600_000.0
+    # ITERATIONS=100 runs out long before the 600 s cap: the step-based warm-down applies
+    a = sched(iterations=100, warmdown_iters=20)
+    assert tg.lr_multiplier(90, 45_000.0, a, budget) == pytest.approx(10 / 20)
+    assert tg.lr_multiplier(50, 25_000.0, a, budget) == 1.0
+    # the cap comes first: time-based value (20 s left of a 50 s warm-down) below the step-based 1.0
+    b = sched(iterations=20000, warmdown_iters=100)
+    assert tg.lr_multiplier(1160, 580_000.0, b, budget) == pytest.approx(0.4)
 
 
 def test_lr_multiplier_warmdown_zero():
@@ -509,13 +520,15 @@ def bad_cases(tmp, toy_env):
         "causal_with_batch_delta": ({"SLOT_MODE": "causal", "SLOT_DELTA": "batch"}, ["SLOT_DELTA", "causal"]),
         "eval_only_without_artifact": ({"EVAL_ONLY": "1"}, ["ARTIFACT", "EVAL_ONLY"]),
         "eval_only_missing_artifact": ({"EVAL_ONLY": "1", "ARTIFACT": str(tmp / "x.pgz")}, ["ARTIFACT"]),
+        # BUG (see test_bad_input_one_line_error): accepted, trains, then dies in evaluate() with an IndexError
+        "val_tokens_one": ({"VAL_TOKENS": "1", "ITERATIONS": "1"}, ["VAL_TOKENS"]),
     }
 
 
 BAD_CASE_NAMES = ["missing_data_path", "no_shards", "corrupt_shard", "truncated_shard", "missing_tokenizer",
                   "vocab_mismatch", "num_layers_not_int", "heads_not_dividing_dim", "ve_layer_out_of_range",
                   "stride_over_seq_len", "batch_not_divisible", "slot_mode_foo", "causal_with_batch_delta",
-                  "eval_only_without_artifact", "eval_only_missing_artifact"]
+                  "eval_only_without_artifact", "eval_only_missing_artifact", "val_tokens_one"]
 
 
 @pytest.fixture(scope="module")
@@ -539,6 +552,9 @@ def bad_runs(tmp_path_factory, toy_env, run_script):
 
 @pytest.mark.parametrize("name", BAD_CASE_NAMES)
 def test_bad_input_one_line_error(bad_runs, name):
+    """val_tokens_one fails until fixed: VAL_TOKENS=1 (or a 1-token val split) leaves no target to score, but it
+    passes validation, trains and exports, then window_batch() raises IndexError (tbytes is empty) in the first
+    evaluate(); expected: a one-line VAL_TOKENS error before training."""
     r, seconds, must_name = bad_runs[name]
     lines = r.stderr.splitlines()
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
@@ -549,7 +565,7 @@ def test_bad_input_one_line_error(bad_runs, name):
         assert word in line, (word, line)
     assert "step:" not in r.stdout and "model_params" not in r.stdout  # nothing was built or trained
     assert not (r.log_dir.exists() and list(r.log_dir.glob("*.pgz")))
-    assert seconds < 30, f"{name} took {seconds:.1f}s to fail"
+    assert seconds < 60, f"{name} took {seconds:.1f}s to fail"  # ~1.1 s each on an idle 2-core machine
 
 
 def test_warn_env_typos_direct():
@@ -670,13 +686,17 @@ def test_torchrun_two_ranks_match_one_process(e2e, toy_env, run_script, tmp_path
     """2 ranks x 1 micro-batch vs 1 rank x 2 micro-batches: the same 2048 tokens per step, so the same losses."""
     assert e2e.returncode == 0, e2e.stderr[-3000:]
     r = run_script({**toy_env, **DDP_ENV, "LOG_DIR": str(tmp_path)}, timeout=300, launcher=TORCHRUN)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "world:2" in r.stdout and "world:1" in e2e.stdout
+    assert "world:2" in r.stdout and "world:1" in e2e.stdout, r.stderr[-3000:]
     one, two = train_losses(e2e.stdout), train_losses(r.stdout)
-    assert sorted(two) == [1, 2, 3, 4]
+    assert sorted(two) == [1, 2, 3, 4], r.stderr[-3000:]
     for k in (1, 2, 3, 4):
         # losses are printed with 4 decimals: allow 1e-4 relative plus one rounding step
         assert abs(one[k] - two[k]) <= 1e-4 * abs(one[k]) + 1e-4, (k, one[k], two[k])
     pre = lambda s: float(re.search(r"final_prequant_exact val_loss:([0-9.]+)", s)[1])
     assert pre(r.stdout) == pytest.approx(pre(e2e.stdout), rel=1e-5)  # the weights after 4 steps agree too
     assert len(r.stdout.splitlines()) == len(set(r.stdout.splitlines()))  # only rank 0 logs
+    # Checked last on purpose: under heavy CPU load a rank sometimes dies at interpreter exit, after all its
+    # work ("terminate called without an active exception", SIGABRT, no Python frames), and torchrun exits 1.
+    assert r.returncode == 0, "torchrun run failed" + (
+        " at process exit after finishing (teardown SIGABRT)" if "terminate called" in r.stderr else "") + \
+        ":\n" + r.stderr[-3000:]
