@@ -4,7 +4,7 @@ Every setting is an environment variable; see README.md. Order: settings -> data
 optimizer -> training -> export -> evaluation -> main."""
 from __future__ import annotations
 
-import contextlib, copy, difflib, glob, hashlib, importlib, json, lzma, math, os, struct, sys, time
+import contextlib, copy, difflib, glob, hashlib, importlib, json, lzma, math, os, struct, sys, time, traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -117,20 +117,14 @@ class ConfigError(Exception):
     """A bad setting or input file; main() prints it as one line and exits 2."""
 
 def _parse(name, raw, default, kind):
+    items = [x.strip() for x in raw.split(",") if x.strip()]
+    parse = {"int": lambda: int(raw), "float": lambda: float(raw), "str": lambda: raw, "strs": lambda: items,
+             "bool": lambda: {"0": False, "1": True}[raw.strip()], "ints": lambda: [int(x) for x in items],
+             "floats": lambda: [float(x) for x in items]}[kind]
     try:
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-        if kind == "bool":
-            if raw.strip() not in ("0", "1"):
-                raise ValueError
-            return raw.strip() == "1"
-        items = [x.strip() for x in raw.split(",") if x.strip()]
-        return {"ints": lambda: [int(x) for x in items], "floats": lambda: [float(x) for x in items],
-                "strs": lambda: items}.get(kind, lambda: raw)()
-    except ValueError:
-        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        return parse()
+    except (ValueError, KeyError):
+        shown = ",".join(map(str, default)) if isinstance(default, list) else int(default) if kind == "bool" else default
         raise ConfigError(f"{name}={raw!r} is not {KIND_TEXT[kind]}; fix: set {name} to {KIND_TEXT[kind]} "
                           f"(default {shown})") from None
 
@@ -1467,7 +1461,7 @@ def write_submission(a, ctx, run_id, results, code_bytes, model_bytes, header, s
 
 def main():
     code_bytes = len(Path(__file__).read_bytes())
-    rank0 = os.environ.get("RANK", "0") == "0"
+    rank0, status = os.environ.get("RANK", "0") == "0", 0
     try:
         a = Settings()
         typos = warn_env_typos()
@@ -1489,10 +1483,15 @@ def main():
     except ConfigError as e:
         if rank0:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        status = 2
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # skips interpreter teardown, where gloo's threads can abort a finished multi-rank run
 
 if __name__ == "__main__":
     main()
