@@ -124,7 +124,8 @@ def _parse(name, raw, default, kind):
     try:
         return parse()
     except (ValueError, KeyError):
-        shown = ",".join(map(str, default)) if isinstance(default, list) else int(default) if kind == "bool" else default
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        shown = int(shown) if kind == "bool" else shown
         raise ConfigError(f"{name}={raw!r} is not {KIND_TEXT[kind]}; fix: set {name} to {KIND_TEXT[kind]} "
                           f"(default {shown})") from None
 
@@ -160,14 +161,13 @@ class Settings:
                 raise ConfigError(f"{name}={getattr(self, name.lower())!r}: {why}; fix: {fix}")
         rules = {"> 0": (lambda v: v > 0, "VOCAB_SIZE ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN GRAD_ACCUM_STEPS "
                          "NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT TRAIN_LOG_EVERY EVAL_SEQ_LEN "
-                         "EVAL_STRIDE "
-                         "EVAL_BATCH SLOT_BATCH MUON_BACKEND_STEPS SWA_EVERY GPTQ_BLOCK GPTQ_CALIB_BATCHES ADAM_EPS "
-                         "SIZE_LIMIT_BYTES BIGRAM_DIM VE_DIM ROPE_BASE LOGIT_SOFTCAP GPTQ_TEMPERATURE GPTQ_DAMP"),
+                         "EVAL_STRIDE EVAL_BATCH SLOT_BATCH MUON_BACKEND_STEPS SWA_EVERY GPTQ_BLOCK ADAM_EPS "
+                         "GPTQ_CALIB_BATCHES SIZE_LIMIT_BYTES BIGRAM_DIM VE_DIM ROPE_BASE LOGIT_SOFTCAP "
+                         "GPTQ_TEMPERATURE GPTQ_DAMP"),
                  ">= 0": (lambda v: v >= 0, "WARMUP_STEPS WARMDOWN_ITERS MAX_WALLCLOCK_SECONDS VAL_LOSS_EVERY "
-                          "VAL_TOKENS "
-                          "ROPE_DIMS XSA_LAST_N BIGRAM_VOCAB_SIZE TIED_EMBED_LR HEAD_LR MATRIX_LR SCALAR_LR MUON_WD "
-                          "MUON_MOMENTUM_WARMUP_STEPS ADAM_WD GRAD_CLIP_NORM GPTQ_RESERVE_SECONDS TARGET_BYTES "
-                          "SLOT_STEPS SLOT_LR SLOT_LR_MIN TIED_EMBED_INIT_STD MLP_LEAKY_SLOPE"),
+                          "VAL_TOKENS ROPE_DIMS XSA_LAST_N BIGRAM_VOCAB_SIZE TIED_EMBED_LR HEAD_LR MATRIX_LR "
+                          "SCALAR_LR MUON_WD MUON_MOMENTUM_WARMUP_STEPS ADAM_WD GRAD_CLIP_NORM GPTQ_RESERVE_SECONDS "
+                          "TARGET_BYTES SLOT_STEPS SLOT_LR SLOT_LR_MIN TIED_EMBED_INIT_STD MLP_LEAKY_SLOPE"),
                  "in [0, 1)": (lambda v: 0 <= v < 1, "MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 EMA_DECAY"),
                  "in [0, 1]": (lambda v: 0 <= v <= 1, "SWA_LR_THRESHOLD LATE_QAT_THRESHOLD")}
         for rule, (ok, names) in rules.items():
@@ -691,7 +691,8 @@ class Ctx:
         return contextlib.nullcontext()
 
 def train(a, ctx, model, train_files, val):
-    """Runs the training loop; returns (steps, train_ms). Leaves the final weights (SWA, EMA or raw) in model."""
+    """Runs the training loop; returns (steps, train_ms, loader). Leaves the final weights (SWA, EMA or raw) in
+    model; the loader is positioned after the last training batch, for GPTQ_CALIB=train."""
     loader = TrainLoader(train_files, ctx.rank, ctx.world, ctx.device)
     # flash-attn kernels may not trace whole, so fullgraph is demanded only of the SDPA path
     compiled = (torch.compile(model, dynamic=False, fullgraph=ATTN_FN is None) if ctx.device.type == "cuda"
