@@ -104,3 +104,13 @@ def official_tokenizer():
     if not OFFICIAL_TOKENIZER.is_file():
         pytest.skip(f"official tokenizer not found at {OFFICIAL_TOKENIZER}")
     return OFFICIAL_TOKENIZER
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """In-process tensors in the tests are small: one thread is as fast, and immune to other load on 2 cores."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -43,13 +43,6 @@ slot_leak = _load("_pg_bench_slot_leak", ROOT / "bench" / "slot_leak.py")
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """In-process tensors here are small: one thread is as fast and immune to other load on a 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------- 1. GPTQ
@@ -570,7 +563,6 @@ def test_window_starts_cover_every_target_once():
         tokens = rng.integers(0, 50, T + 1)
         val = (tokens, np.ones(T, np.int64))
         x, y, score, context, nb = tg.window_batch(val, starts, L, S, len(starts) + 1, CPU)
-        first = {}
         for k, ws in enumerate(starts):
             tgt = ws + np.arange(L)
             assert sorted(tgt[score[k].numpy()]) == list(scored[k]), (T, L, S, k)

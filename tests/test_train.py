@@ -22,13 +22,6 @@ from conftest import OFFICIAL_TOKENIZER
 BOS = 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """In-process tensors here are tiny: one thread is faster and immune to other load on a 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------- 1. bits-per-byte byte counting
