@@ -1135,9 +1135,10 @@ def codecs():
 class ArtifactError(ConfigError):
     pass
 
-def encode_artifact(tensors, codec, label, config):
+def encode_artifact(tensors, codec, label, config, payload=None):
+    """The artifact's bytes; `payload` is the tensors already compressed by `codec`, when the caller has it."""
     entries, raw = pack_raw(tensors)
-    payload = codecs()[codec][0](raw, entries)
+    payload = codecs()[codec][0](raw, entries) if payload is None else payload
     header = json.dumps(dict(label=label, codec=codec, config=config, entries=entries, raw_bytes=len(raw),
                              raw_sha256=hashlib.sha256(raw).hexdigest(), payload_bytes=len(payload),
                              payload_sha256=hashlib.sha256(payload).hexdigest()), separators=(",", ":")).encode()
@@ -1187,7 +1188,7 @@ def export(a, ctx, state, hessians, code_bytes):
     lens = int_lens(entries)
     sym = np.frombuffer(raw[:sum(lens)], np.int8)
     bound = entropy_bound_bytes(sym, lens)
-    sizes = {}
+    payloads = {}
     for name, codec in codecs().items():
         if isinstance(codec, str):
             ctx.log(f"codec:{name} skipped ({codec})")
@@ -1200,18 +1201,17 @@ def export(a, ctx, state, hessians, code_bytes):
         extra = f" symbols_bytes:{n} symbols/bound:{n / bound:.4f}" if n else ""
         ctx.log(f"codec:{name} bytes:{len(blob)} exact:{int(exact)} seconds:{time.perf_counter() - t:.1f}{extra}")
         if exact:
-            sizes[name] = len(blob)
+            payloads[name] = blob
     ctx.log(f"entropy_bound: symbols:{len(sym)} bytes:{bound:.0f} (order-0, per tensor, int6+int8 values)")
-    best = min(sizes, key=sizes.get)
+    best = min(payloads, key=lambda k: len(payloads[k]))
     ctx.log(f"codec_chosen: {best}")
     config = a.arch()
-
     def total(ts):
         return code_bytes + len(encode_artifact(ts, best, "int6", config))
-
-    if a.target_bytes and total(tensors) > a.target_bytes:
+    blob = encode_artifact(tensors, best, "int6", config, payloads[best])  # no second compression of the winner
+    if a.target_bytes and code_bytes + len(blob) > a.target_bytes:
         tensors = prune_ones(tensors, hdiag, total, a.target_bytes, ctx.log)
-    blob = encode_artifact(tensors, best, "int6", config)
+        blob = encode_artifact(tensors, best, "int6", config)
     Path(a.artifact).parent.mkdir(parents=True, exist_ok=True)
     Path(a.artifact).write_bytes(blob)
     ctx.log(f"artifact_path: {a.artifact}")

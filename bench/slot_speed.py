@@ -72,9 +72,7 @@ def make_problem(batch, seq_len, stride, dim, vocab, device, seed=0):
 
 
 def time_fit(fn, model, h, mask, y, p, repeats, device):
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    sync = train_gpt.Ctx(0, 1, 0, device).sync
     fn(model, h, mask, y, dict(p, steps=1))  # warm-up
     times = []
     for _ in range(repeats):
