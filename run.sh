@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Entry points: smoke | record [SEED] | eval ARTIFACT | sweep ARTIFACT | data [N] | test | bench
+# Entry points: smoke | record [SEED] | eval ARTIFACT | sweep ARTIFACT | data [N] | test | bench [--ablate ...]
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -61,12 +61,12 @@ case "$cmd" in
     ensure_deps
     python -m pytest -q tests
     ;;
-  bench)  # speed table on whatever device is present (toy size on CPU)
+  bench)  # speed table on whatever device is present (toy size on CPU); pass-through: --ablate all | NAME,...
     ensure_deps
-    python bench/bench.py
+    python bench/bench.py "$@"
     ;;
   *)
-    echo "usage: bash run.sh smoke | record [SEED] | eval ARTIFACT | sweep ARTIFACT | data [N] | test | bench" >&2
+    echo "usage: bash run.sh smoke | record [SEED] | eval ARTIFACT | sweep ARTIFACT | data [N] | test | bench [--ablate ...]" >&2
     exit 2
     ;;
 esac

@@ -3,8 +3,20 @@ synthetic shards: training ms/step, tokens/s, model FLOPs per token and MFU agai
 same run; sliding-eval tokens/s; SLOT windows/s. CUDA: the record config at one GPU's share of the 8-GPU batch
 (98,304 tokens per step). CPU: a toy size, so that CI runs it. The last line is a short table.
 
-    python bench/bench.py
+    python bench/bench.py                      # the table
+    python bench/bench.py --ablate all         # then each speed change undone in turn, side by side
+    python bench/bench.py --ablate gqa-copies,ema-loop,eval-batch-64
+
+--ablate re-runs the same training and evaluation (same seed, same shards) with one speed change undone, i.e.
+with the implementation it replaced, and prints for each one how much slower it is than the current code ("gain":
+before / after) and how far its final weights are from the current code's (0 where the two are the same maths).
+`all-off` undoes every change at once: the starting point before any speed work. Changes that only act on CUDA
+are listed as n/a on CPU. `eval-batch-N` runs the evaluation with N windows per batch instead of EVAL_BATCH.
 """
+import argparse
+import contextlib
+import hashlib
+import subprocess
 import sys
 import tempfile
 import time
@@ -12,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
 
 RECORD = dict(TRAIN_BATCH_TOKENS="98304", GRAD_ACCUM_STEPS="1", ITERATIONS="40", WARMUP_STEPS="5",
@@ -23,7 +37,114 @@ TOY = dict(NUM_LAYERS="11", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROP
            ITERATIONS="6", WARMUP_STEPS="1", TRAIN_LOG_EVERY="3", EVAL_SEQ_LEN="128", EVAL_STRIDE="32",
            SLOT_STEPS="4")
 COMMON = dict(WARMDOWN_ITERS="0", MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="0", LATE_QAT_THRESHOLD="0")
+FULL_VAL_TOKENS = 62_021_632  # SPEC: the challenge's val split with the 1024-token tokenizer
+GOAL_TOKENS_PER_S, GOAL_SLOT_SECONDS, GPUS = 1.3e6, 60.0, 8
 
+
+# ---- the implementations the speed changes replaced; each computes what the current code computes
+
+def gqa_with_copies(q, k, v):
+    """K/V repeated to every query head (head h reads KV head h // group, as SDPA's enable_gqa does)."""
+    rep = q.size(2) // k.size(2)
+    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          is_causal=True).transpose(1, 2)
+
+
+class MuonPerMatrix(tg.Muon):
+    """One Newton-Schulz call per matrix, every rank orthogonalising every matrix, no all-reduce."""
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = self._nesterov(p, group["momentum"])
+                u = tg.newton_schulz(g, group["backend_steps"]) * max(1.0, g.size(0) / g.size(1)) ** 0.5
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(u.to(p.dtype), alpha=-group["lr"])
+
+
+ADAMW = torch.optim.AdamW
+
+
+def adamw_loop(*args, **kwargs):
+    return ADAMW(*args, **{**kwargs, "fused": False, "foreach": False})
+
+
+def next_batch_blocking(self, local_tokens, seq_len):
+    """Pageable host memory and a blocking copy: the step waits for every batch's transfer."""
+    span = local_tokens + 1
+    t = torch.from_numpy(self._take(span * self.world)[self.rank * span:(self.rank + 1) * span].astype(np.int64))
+    t = t.to(self.device)
+    return t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)
+
+
+def ema_update_loop(self):
+    self.count += 1
+    w = 1.0 - self.decay if self.decay is not None else 1.0 / self.count
+    for avg, p in zip(self.avg, self.params):
+        avg.lerp_(p.detach().float(), w)
+
+
+@contextlib.contextmanager
+def patched(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def sdpa_math():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    stack = contextlib.ExitStack()
+    stack.enter_context(patched(tg, "ATTN_FN", None))
+    stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    return stack
+
+
+# name: (what undoing it means, CUDA only, settings overrides, patch context factory)
+VARIANTS = {
+    "compile": ("no torch.compile (training or eval)", True, dict(COMPILE="0"), contextlib.nullcontext),
+    "attention": ("SDPA math kernel instead of the fastest available", False, {}, sdpa_math),
+    "gqa-copies": ("K/V repeated to every head before attention", False, {},
+                   lambda: patched(tg, "causal_attention", gqa_with_copies)),
+    "muon-per-matrix": ("Newton-Schulz per matrix, no shape banks", False, {},
+                        lambda: patched(tg, "Muon", MuonPerMatrix)),
+    "adamw-loop": ("AdamW as a per-tensor loop, not fused", True, {},
+                   lambda: patched(torch.optim, "AdamW", adamw_loop)),
+    "loader-blocking": ("blocking host-to-device batch copies", True, {},
+                        lambda: patched(tg.TrainLoader, "next_batch", next_batch_blocking)),
+    "sync-every-step": ("loss read with .item() every step", False, dict(TRAIN_LOG_EVERY="1"), contextlib.nullcontext),
+    "ema-loop": ("EMA updated tensor by tensor", False, {},
+                 lambda: patched(tg.WeightAverage, "update", ema_update_loop)),
+}
+
+
+def variant(name, cuda):
+    """(description, overrides, context factory) for a name; None where it does not apply to this device."""
+    if name.startswith("eval-batch-") and name[11:].isdigit():
+        n = name[11:]
+        return f"{n} windows per eval and SLOT batch", dict(EVAL_BATCH=n, SLOT_BATCH=n), contextlib.nullcontext
+    if name == "all-off":
+        names = [n for n, v in VARIANTS.items() if cuda or not v[1]]
+        overrides = {k: v for n in names for k, v in VARIANTS[n][2].items()}
+
+        def everything():
+            stack = contextlib.ExitStack()
+            for n in names:
+                stack.enter_context(VARIANTS[n][3]())
+            return stack
+        return "every change above undone: the starting point", overrides, everything
+    if name not in VARIANTS:
+        raise SystemExit(f"--ablate: unknown change {name!r}; choose from all, all-off, eval-batch-N, "
+                         + ", ".join(VARIANTS))
+    what, cuda_only, overrides, ctx = VARIANTS[name]
+    return None if cuda_only and not cuda else (what, overrides, ctx)
+
+
+# ---- measuring
 
 def write_shard(path, tokens):
     header = np.zeros(tg.HEADER_INTS, dtype="<i4")
@@ -45,36 +166,27 @@ def matmul_rate(device, dtype, n, reps):
     return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
-def main():
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    a = tg.Settings({**COMMON, **(RECORD if cuda else TOY)})
-    ctx = tg.Ctx(0, 1, 0, device)
-    rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory() as d:
-        n_train = (a.iterations + a.warmup_steps + 2) * a.train_batch_tokens + 1
-        write_shard(Path(d) / "fineweb_train_000000.bin", rng.integers(0, a.vocab_size, n_train))
-        files = tg.find_shards(d, "train")
-        val_tokens = rng.integers(0, a.vocab_size, 262144 if cuda else 8192).astype(np.uint16)
-        val = (val_tokens, np.ones(len(val_tokens) - 1))
-        torch.manual_seed(0)
-        model = tg.GPT(a.arch()).to(device)
-        if cuda:
-            for m in model.modules():
-                if isinstance(m, torch.nn.Embedding):
-                    m.bfloat16()
-        steps, train_ms, _ = tg.train(a, ctx, model, files, val)
-    ms_step = train_ms / steps
-    tok_s = a.train_batch_tokens / ms_step * 1000
-    n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, tg.CastedLinear))
-    n_matmul += model.head_weight().numel() if model.lm_head is None else 0
-    # 6 FLOPs per matmul weight per token (forward + backward), plus causal attention scores and values
-    flops_tok = 6 * n_matmul + 6 * a.num_layers * a.model_dim * a.train_seq_len
-    rate = matmul_rate(device, torch.bfloat16 if cuda else torch.float32, 8192 if cuda else 1024, 20 if cuda else 5)
-    mfu = flops_tok * tok_s / rate
+class QuietCtx(tg.Ctx):
+    def log(self, msg):
+        pass
 
+
+def measure(a, ctx, files, val, train=True):
+    """Trains (if asked) and evaluates a fresh seed-0 model; returns ms/step, sliding tokens/s, SLOT windows/s and
+    the final weights."""
+    torch._dynamo.reset()  # every measurement compiles its own graphs, under its own patches
+    torch.manual_seed(0)
+    model = tg.GPT(a.arch()).to(ctx.device)
+    if ctx.device.type == "cuda":
+        for m in model.modules():
+            if isinstance(m, torch.nn.Embedding):
+                m.bfloat16()
+    ms_step = None
+    if train:
+        steps, train_ms, _ = tg.train(a, ctx, model, files, val)
+        ms_step = train_ms / steps
     model.requires_grad_(False)
-    if cuda and a.compile:
+    if ctx.device.type == "cuda" and a.compile:
         model.eval_hidden = torch.compile(model.forward_hidden, dynamic=False)
     L, S = a.eval_seq_len, a.eval_stride
     slot = dict(mode="scored", delta="window", steps=a.slot_steps, lr=a.slot_lr, lr_min=a.slot_lr_min)
@@ -84,18 +196,97 @@ def main():
     sliding = tg.evaluate(ctx, model, val, L, S, a.eval_batch)[0]
     slot_r = tg.evaluate(ctx, model, val, L, S, a.slot_batch, [slot])[0]
     n_windows = len(tg.window_starts(len(val[0]) - 1, L, S))
-    sliding_tok_s = (len(val[0]) - 1) / sliding[2]
-    slot_win_s = n_windows / slot_r[2]
+    weights = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    return dict(ms_step=ms_step, sliding=(len(val[0]) - 1) / sliding[2], slot=n_windows / slot_r[2], weights=weights)
+
+
+def code_identity():
+    sha = hashlib.sha256((ROOT / "train_gpt.py").read_bytes()).hexdigest()[:12]
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
+    return f"train_gpt.py sha256 {sha}" + (f", git {git.stdout.strip()}" if git.returncode == 0 else "")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ablate", default="", help="comma-separated changes to undo one at a time, or 'all'")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    names = [n for n in args.ablate.split(",") if n]
+    names = [*VARIANTS, "all-off"] if names == ["all"] else names
+    plan = {n: variant(n, cuda) for n in names}  # unknown names fail here, before any work
+
+    device = torch.device("cuda" if cuda else "cpu")
+    base = {**COMMON, **(RECORD if cuda else TOY)}
+    a = tg.Settings(base)
+    ctx = tg.Ctx(0, 1, 0, device)
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as d:
+        n_train = (a.iterations + a.warmup_steps + 2) * a.train_batch_tokens + 1
+        write_shard(Path(d) / "fineweb_train_000000.bin", rng.integers(0, a.vocab_size, n_train))
+        files = tg.find_shards(d, "train")
+        val_tokens = rng.integers(0, a.vocab_size, 262144 if cuda else 8192).astype(np.uint16)
+        val = (val_tokens, np.ones(len(val_tokens) - 1))
+        ref = measure(a, ctx, files, val)
+        results = {}
+        for name, spec in plan.items():
+            if spec is not None:
+                what, overrides, patches = spec
+                with patches():
+                    r = measure(tg.Settings({**base, **overrides}), QuietCtx(0, 1, 0, device), files, val,
+                                train=not name.startswith("eval-batch-"))
+                r["weights"] = (r["weights"] - ref["weights"]).abs().max().item() if r["ms_step"] else None
+                results[name] = r
+                print(f"ablation {name}: done", flush=True)
+        if plan:  # the current code again: two runs bracket the ablations and show the run-to-run noise
+            again = measure(a, QuietCtx(0, 1, 0, device), files, val)
+    rows = []
+    if plan:
+        rows.append(f"current code measured first and last: {ref['ms_step']:.2f} and {again['ms_step']:.2f} ms/step, "
+                    f"{ref['sliding']:,.0f} and {again['sliding']:,.0f} sliding tokens/s, {ref['slot']:,.1f} and "
+                    f"{again['slot']:,.1f} SLOT windows/s; gains are against the mean of the two")
+        rows += ["| change undone | what runs instead | ms/step | gain | sliding tokens/s | gain | SLOT windows/s | "
+                 "gain | max abs weight diff |", "|---|---|---|---|---|---|---|---|---|"]
+        cur = {k: (ref[k] + again[k]) / 2 for k in ("ms_step", "sliding", "slot")}
+    for name, spec in plan.items():
+        r = results.get(name)
+        if r is None:
+            rows.append(f"| {name} | {VARIANTS[name][0]} | n/a on CPU (CUDA only) | | | | | | |")
+            continue
+        trained = r["ms_step"] is not None
+        train_cols = f"{r['ms_step']:.2f} | {r['ms_step'] / cur['ms_step']:.2f}x" if trained else "- | -"
+        dw = f"{r['weights']:.2e}" if trained else "-"
+        rows.append(f"| {name} | {spec[0]} | {train_cols} | {r['sliding']:,.0f} | {cur['sliding'] / r['sliding']:.2f}x "
+                    f"| {r['slot']:,.1f} | {cur['slot'] / r['slot']:.2f}x | {dw} |")
+
+    ms_step = ref["ms_step"]
+    tok_s = a.train_batch_tokens / ms_step * 1000
+    model = tg.GPT(a.arch())
+    n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, tg.CastedLinear))
+    n_matmul += model.head_weight().numel() if model.lm_head is None else 0  # the tied head multiplies too
+    # 6 FLOPs per matmul weight per token (forward + backward), plus causal attention scores and values
+    flops_tok = 6 * n_matmul + 6 * a.num_layers * a.model_dim * a.train_seq_len
+    rate = matmul_rate(device, torch.bfloat16 if cuda else torch.float32, 8192 if cuda else 1024, 20 if cuda else 5)
+    mfu = flops_tok * tok_s / rate
+    L, S = a.eval_seq_len, a.eval_stride
 
     device_name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {device_name}  torch {torch.__version__}  attention {tg.ATTN_NAME}")
+    print(f"code: {code_identity()}")
     print(f"config: {a.num_layers}L d{a.model_dim} seq {a.train_seq_len}, {a.train_batch_tokens} tokens/step, "
-          f"{steps} timed steps; eval seq {L} stride {S}, SLOT {a.slot_steps} steps x {a.slot_batch} windows")
+          f"{a.iterations} timed steps; eval seq {L} stride {S}, SLOT {a.slot_steps} steps x {a.slot_batch} windows")
     print(f"matmul_rate: {rate / 1e12:.2f} TFLOP/s ({'bf16' if cuda else 'fp32'}, measured)")
+    if cuda:
+        full_windows = len(tg.window_starts(FULL_VAL_TOKENS - 1, L, S))
+        print(f"goals (issue 5): training {tok_s:,.0f} tokens/s/GPU vs >= {GOAL_TOKENS_PER_S:,.0f}; "
+              f"SLOT-{a.slot_steps} over the full val ({full_windows:,} windows) on {GPUS} GPUs at this rate: "
+              f"{full_windows / GPUS / ref['slot']:.0f} s vs <= {GOAL_SLOT_SECONDS:.0f} s")
+    if rows:
+        print("\nablation: each change undone alone; gain = undone / current (time per step, or rate ratio)")
+        print("\n".join(rows) + "\n")
     print("| ms/step | tokens/s/GPU | MFLOP/token | MFU | sliding tokens/s | SLOT windows/s |")
     print("|---|---|---|---|---|---|")
-    print(f"| {ms_step:.2f} | {tok_s:,.0f} | {flops_tok / 1e6:.1f} | {mfu:.1%} | {sliding_tok_s:,.0f} | "
-          f"{slot_win_s:,.1f} |")
+    print(f"| {ms_step:.2f} | {tok_s:,.0f} | {flops_tok / 1e6:.1f} | {mfu:.1%} | {ref['sliding']:,.0f} | "
+          f"{ref['slot']:,.1f} |")
 
 
 if __name__ == "__main__":

@@ -444,6 +444,45 @@ def test_casted_linear_qat_uses_fake_quant():
     torch.testing.assert_close(lin(x), x @ lin.weight.T)
 
 
+
+def test_compiled_graphs_trace_whole_and_match_eager():
+    """On CUDA without flash-attn, train() compiles the model with fullgraph=True, so a graph break (an .item(), a
+    data-dependent branch) would stop a record run at its first step. Dynamo's tracing does not depend on the
+    device: trace forward and backward here under bf16 autocast, with late QAT off and on (the flag must reach the
+    compiled graph), plus the eval forward, and compare each with the eager model."""
+    from conftest import TOY
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    # 6 layers still hold every kind of block: XSA and not, U-Net skips both ways, value embeddings
+    model = tg.GPT(tg.Settings({**TOY, "NUM_LAYERS": "6", "XSA_LAST_N": "3", "VE_LAYERS": "4,5"}).arch())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # trained-like weights, so fake quantisation changes the loss
+    x, y = torch.randint(0, 1024, (2, 64)), torch.randint(0, 1024, (2, 64))
+    compiled = torch.compile(model, dynamic=False, fullgraph=True, backend="aot_eager")
+    losses = []
+    try:
+        for qat in (False, True):
+            tg.CastedLinear.qat = qat
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = compiled(x, y)
+                ref = model(x, y)
+            loss.backward()
+            grad = model.blocks[0].attn.q.weight.grad.clone()
+            model.zero_grad()
+            ref.backward()
+            torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(grad, model.blocks[0].attn.q.weight.grad, rtol=2e-2, atol=1e-4)
+            model.zero_grad()
+            losses.append(loss.item())
+    finally:
+        tg.CastedLinear.qat = False
+    assert abs(losses[1] - losses[0]) > 1e-3  # QAT really switched inside the compiled graph
+    with torch.no_grad():
+        h = torch.compile(model.forward_hidden, dynamic=False, fullgraph=True, backend="eager")(x)
+        torch.testing.assert_close(h, model.forward_hidden(x))
+    torch._dynamo.reset()
+
 # ----------------------------------------------------------------------------- 8. shard header checks
 
 def write_shard(path, tokens, magic=20240520, version=1, declared=None):
