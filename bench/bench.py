@@ -201,9 +201,14 @@ def measure(a, ctx, files, val, train=True):
 
 
 def code_identity():
+    """The SHA-256 of train_gpt.py, and the commit, marked if the measured files differ from it."""
     sha = hashlib.sha256((ROOT / "train_gpt.py").read_bytes()).hexdigest()[:12]
-    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
-    return f"train_gpt.py sha256 {sha}" + (f", git {git.stdout.strip()}" if git.returncode == 0 else "")
+    git = lambda *args: subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode:
+        return f"train_gpt.py sha256 {sha}"
+    changed = git("diff", "--quiet", "HEAD", "--", "train_gpt.py", "bench/bench.py").returncode
+    return f"train_gpt.py sha256 {sha}, git {head.stdout.strip()}" + (" with uncommitted changes" if changed else "")
 
 
 def main():
