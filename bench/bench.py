@@ -138,7 +138,7 @@ def variant(name, cuda):
             return stack
         return "every change above undone: the starting point", overrides, everything
     if name not in VARIANTS:
-        raise SystemExit(f"--ablate: unknown change {name!r}; choose from all, all-off, eval-batch-N, "
+        raise SystemExit(f"error: --ablate: unknown change {name!r}; fix: choose from all, all-off, eval-batch-N, "
                          + ", ".join(VARIANTS))
     what, cuda_only, overrides, ctx = VARIANTS[name]
     return None if cuda_only and not cuda else (what, overrides, ctx)

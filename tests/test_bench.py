@@ -72,7 +72,7 @@ def test_readme_lists_every_ablation(repo):
 def test_unknown_ablation_fails_before_any_work(repo):
     r = run_bench(repo, "--ablate", "gqa-copies,fused-everything")
     assert r.returncode != 0
-    assert "--ablate: unknown change 'fused-everything'; choose from all, all-off, eval-batch-N" in r.stderr
+    assert "error: --ablate: unknown change 'fused-everything'; fix: choose from all, all-off, eval-batch-N" in r.stderr
     assert "ablation gqa-copies: done" not in r.stdout
 
 
