@@ -219,10 +219,14 @@ def main():
     names = [n for n in args.ablate.split(",") if n]
     names = [*VARIANTS, "all-off"] if names == ["all"] else names
     plan = {n: variant(n, cuda) for n in names}  # unknown names fail here, before any work
-
-    device = torch.device("cuda" if cuda else "cpu")
     base = {**COMMON, **(RECORD if cuda else TOY)}
     a = tg.Settings(base)
+    try:
+        settings = {n: tg.Settings({**base, **spec[1]}) for n, spec in plan.items() if spec}
+    except tg.ConfigError as e:
+        raise SystemExit(f"error: --ablate: {e}") from None
+
+    device = torch.device("cuda" if cuda else "cpu")
     ctx = tg.Ctx(0, 1, 0, device)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as d:
@@ -235,9 +239,8 @@ def main():
         results = {}
         for name, spec in plan.items():
             if spec is not None:
-                what, overrides, patches = spec
-                with patches():
-                    r = measure(tg.Settings({**base, **overrides}), QuietCtx(0, 1, 0, device), files, val,
+                with spec[2]():
+                    r = measure(settings[name], QuietCtx(0, 1, 0, device), files, val,
                                 train=not name.startswith("eval-batch-"))
                 r["weights"] = (r["weights"] - ref["weights"]).abs().max().item() if r["ms_step"] else None
                 results[name] = r

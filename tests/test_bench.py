@@ -74,6 +74,9 @@ def test_unknown_ablation_fails_before_any_work(repo):
     assert r.returncode != 0
     assert "error: --ablate: unknown change 'fused-everything'; fix: choose from all, all-off, eval-batch-N" in r.stderr
     assert "ablation gqa-copies: done" not in r.stdout
+    r = run_bench(repo, "--ablate", "eval-batch-0")
+    assert r.returncode != 0
+    assert r.stderr.strip() == "error: --ablate: EVAL_BATCH=0: must be > 0; fix: set EVAL_BATCH to a value > 0"
 
 
 @pytest.mark.parametrize("H,KV", [(8, 4), (8, 2), (4, 4)])
