@@ -66,7 +66,8 @@ case "$cmd" in
     python bench/bench.py "$@"
     ;;
   *)
-    echo "usage: bash run.sh smoke | record [SEED] | eval ARTIFACT | sweep ARTIFACT | data [N] | test | bench [--ablate ...]" >&2
+    echo "usage: bash run.sh smoke | record [SEED] | eval ARTIFACT | sweep ARTIFACT | data [N] | test" \
+      "| bench [--ablate ...]" >&2
     exit 2
     ;;
 esac

@@ -444,13 +444,11 @@ def test_casted_linear_qat_uses_fake_quant():
     torch.testing.assert_close(lin(x), x @ lin.weight.T)
 
 
-
-def test_compiled_graphs_trace_whole_and_match_eager():
+def test_compiled_graphs_trace_whole_and_match_eager(TOY):
     """On CUDA without flash-attn, train() compiles the model with fullgraph=True, so a graph break (an .item(), a
     data-dependent branch) would stop a record run at its first step. Dynamo's tracing does not depend on the
     device: trace forward and backward here under bf16 autocast, with late QAT off and on (the flag must reach the
     compiled graph), plus the eval forward, and compare each with the eager model."""
-    from conftest import TOY
     torch._dynamo.reset()
     torch.manual_seed(0)
     # 6 layers still hold every kind of block: XSA and not, U-Net skips both ways, value embeddings
@@ -482,6 +480,7 @@ def test_compiled_graphs_trace_whole_and_match_eager():
         h = torch.compile(model.forward_hidden, dynamic=False, fullgraph=True, backend="eager")(x)
         torch.testing.assert_close(h, model.forward_hidden(x))
     torch._dynamo.reset()
+
 
 # ----------------------------------------------------------------------------- 8. shard header checks
 
