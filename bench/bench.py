@@ -239,12 +239,14 @@ def main():
         results = {}
         for name, spec in plan.items():
             if spec is not None:
+                t = time.perf_counter()
                 with spec[2]():
                     r = measure(settings[name], QuietCtx(0, 1, 0, device), files, val,
                                 train=not name.startswith("eval-batch-"))
                 r["weights"] = (r["weights"] - ref["weights"]).abs().max().item() if r["ms_step"] else None
                 results[name] = r
-                print(f"ablation {name}: done", flush=True)
+                print(f"ablation {name}: done in {time.perf_counter() - t:.0f}s (compile, training, evaluation)",
+                      flush=True)
         if plan:  # the current code again: two runs bracket the ablations and show the run-to-run noise
             again = measure(a, QuietCtx(0, 1, 0, device), files, val)
     rows = []
