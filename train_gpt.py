@@ -337,16 +337,17 @@ def fake_quant_int6(w):
     q = torch.clamp(torch.round(w.detach() / scale), -31, 31) * scale
     return w + (q - w).detach()
 
+QAT = False  # late QAT; a global, which torch.compile guards (torch 2.11 missed a flipped nn.Module class attribute)
+
 class CastedLinear(nn.Linear):
     """fp32 master weight cast to the activation dtype; block matrices train through int6 once late QAT starts."""
-    qat = False
 
     def __init__(self, n_in, n_out, quantized=False):
         super().__init__(n_in, n_out, bias=False)
         self.quantized = quantized
 
     def forward(self, x):
-        w = fake_quant_int6(self.weight) if (self.quantized and CastedLinear.qat) else self.weight
+        w = fake_quant_int6(self.weight) if (self.quantized and QAT) else self.weight
         return F.linear(x, w.to(x.dtype))
 
 def _attention_kernel():
@@ -693,6 +694,7 @@ class Ctx:
 def train(a, ctx, model, train_files, val):
     """Runs the training loop; returns (steps, train_ms, loader). Leaves the final weights (SWA, EMA or raw) in
     model; the loader is positioned after the last training batch, for GPTQ_CALIB=train."""
+    global QAT
     loader = TrainLoader(train_files, ctx.rank, ctx.world, ctx.device)
     # flash-attn kernels may not trace whole, so fullgraph is demanded only of the SDPA path
     compiled = (torch.compile(model, dynamic=False, fullgraph=ATTN_FN is None) if ctx.device.type == "cuda"
@@ -731,11 +733,10 @@ def train(a, ctx, model, train_files, val):
         t = time.perf_counter()
         saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
         saved_opt = [copy.deepcopy(opt.state_dict()) for opt in (adam, muon)]
-        for i in range(a.warmup_steps):
-            # the last warm-up step also compiles the late-QAT graph, so switching it on later costs no time
-            CastedLinear.qat = a.late_qat_threshold > 0 and i == a.warmup_steps - 1
+        for i in range(a.warmup_steps):  # the last one also compiles the late-QAT graph: no compile at the switch
+            QAT = a.late_qat_threshold > 0 and i == a.warmup_steps - 1
             step_fn(0, 1.0)
-        CastedLinear.qat = False
+        QAT = False
         model.load_state_dict(saved)
         for opt, st in zip((adam, muon), saved_opt):
             opt.load_state_dict(st)
@@ -762,8 +763,8 @@ def train(a, ctx, model, train_files, val):
             t0 = time.perf_counter()
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         mul = lr_multiplier(step, elapsed, a, budget_ms)
-        if a.late_qat_threshold > 0 and not CastedLinear.qat and mul < a.late_qat_threshold:
-            CastedLinear.qat = True
+        if a.late_qat_threshold > 0 and not QAT and mul < a.late_qat_threshold:
+            QAT = True
             ctx.log(f"late_qat: int6 fake quantisation on at step {step} (lr multiplier {mul:.3f})")
         loss = step_fn(step, mul)
         step += 1
@@ -782,7 +783,7 @@ def train(a, ctx, model, train_files, val):
             pending = ctx.all_reduce(torch.tensor(float(over), device=ctx.device), dist.ReduceOp.MAX)
     ctx.sync()
     train_ms += 1000 * (time.perf_counter() - t0)
-    CastedLinear.qat = False
+    QAT = False
     tokens = step * a.train_batch_tokens
     ctx.log(f"train_done: steps:{step} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms "
             f"tokens_per_s:{tokens / max(train_ms, 1e-9) * 1000:.0f} per_rank:"

@@ -437,18 +437,19 @@ def test_casted_linear_qat_uses_fake_quant():
     lin = tg.CastedLinear(12, 6, quantized=True)
     x = torch.randn(2, 12)
     try:
-        tg.CastedLinear.qat = True
+        tg.QAT = True
         torch.testing.assert_close(lin(x), x @ tg.fake_quant_int6(lin.weight).T)
     finally:
-        tg.CastedLinear.qat = False
+        tg.QAT = False
     torch.testing.assert_close(lin(x), x @ lin.weight.T)
 
 
 def test_compiled_graphs_trace_whole_and_match_eager(TOY):
     """On CUDA without flash-attn, train() compiles the model with fullgraph=True, so a graph break (an .item(), a
     data-dependent branch) would stop a record run at its first step. Dynamo's tracing does not depend on the
-    device: trace forward and backward here under bf16 autocast, with late QAT off and on (the flag must reach the
-    compiled graph), plus the eval forward, and compare each with the eager model."""
+    device: trace forward and backward here under bf16 autocast, with late QAT off and on, plus the eval forward,
+    and compare each with the eager model. The QAT flip must reach the compiled graph: on torch 2.11 (the H200's)
+    a class-attribute flag did not, and the compiled model went on without QAT."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     # 6 layers still hold every kind of block: XSA and not, U-Net skips both ways, value embeddings
@@ -461,7 +462,7 @@ def test_compiled_graphs_trace_whole_and_match_eager(TOY):
     losses = []
     try:
         for qat in (False, True):
-            tg.CastedLinear.qat = qat
+            tg.QAT = qat
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = compiled(x, y)
                 ref = model(x, y)
@@ -474,7 +475,7 @@ def test_compiled_graphs_trace_whole_and_match_eager(TOY):
             model.zero_grad()
             losses.append(loss.item())
     finally:
-        tg.CastedLinear.qat = False
+        tg.QAT = False
     assert abs(losses[1] - losses[0]) > 1e-3  # QAT really switched inside the compiled graph
     with torch.no_grad():
         h = torch.compile(model.forward_hidden, dynamic=False, fullgraph=True, backend="eager")(x)
