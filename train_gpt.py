@@ -103,6 +103,26 @@ SETTINGS = [
     ("SWEEP_SLOT_LR", [], "floats", "sweep grid: SLOT lr"),
     ("SWEEP_SLOT_LR_MIN", [], "floats", "sweep grid: SLOT final lr"),
     ("SWEEP_EVAL_STRIDE", [], "ints", "sweep grid: strides (hidden states are recomputed per stride)"),
+    ("TTT_ENABLED", False, "bool", "run the score-first TTT evaluation (per-document LoRA + phased global SGD)"),
+    ("TTT_LORA_RANK", 96, "int", "rank of the per-document LoRA adapters"),
+    ("TTT_LORA_TARGETS", ["q", "k", "v", "o", "mlp", "head"], "strs", "LoRA targets, any of q,k,v,o,mlp,head"),
+    ("TTT_LR", 0.0001, "float", "AdamW lr of the LoRA adapters (betas 0, 0.999)"),
+    ("TTT_WEIGHT_DECAY", 0.5, "float", "AdamW decoupled weight decay of the LoRA adapters"),
+    ("TTT_CHUNK_SIZE", 48, "int", "tokens of a document scored before its adapters train on them"),
+    ("TTT_GRAD_STEPS", 1, "int", "adapter steps per scored chunk (0: score per document without adapting)"),
+    ("TTT_BATCH_SIZE", 64, "int", "documents adapted side by side, each with its own adapters"),
+    ("TTT_EVAL_SEQ_LEN", 2048, "int", "longest context window inside a document (and global TTT sequence length)"),
+    ("PHASED_TTT_NUM_PHASES", 3, "int", "global TTT boundaries, spread over PHASED_TTT_PREFIX_DOCS (0: off)"),
+    ("PHASED_TTT_PREFIX_DOCS", 2000, "int", "documents over which the global TTT boundaries are spread"),
+    ("GLOBAL_TTT_LR", 0.001, "float", "SGD lr of the base weights at each boundary"),
+    ("GLOBAL_TTT_MOMENTUM", 0.9, "float", "SGD momentum of global TTT"),
+    ("GLOBAL_TTT_EPOCHS", 1, "int", "passes over the scored documents at each boundary"),
+    ("GLOBAL_TTT_CHUNK", 32768, "int", "tokens per global SGD step, all ranks together"),
+    ("GLOBAL_TTT_GRAD_CLIP", 1.0, "float", "gradient norm clip of global TTT (0: off)"),
+    ("SWEEP_TTT_LR", [], "floats", "sweep grid: TTT_LR (any SWEEP_TTT_* set replaces the TTT eval by a sweep)"),
+    ("SWEEP_TTT_LORA_RANK", [], "ints", "sweep grid: TTT_LORA_RANK"),
+    ("SWEEP_TTT_CHUNK_SIZE", [], "ints", "sweep grid: TTT_CHUNK_SIZE"),
+    ("SWEEP_TTT_PREFIX_DOCS", [], "ints", "sweep grid: PHASED_TTT_PREFIX_DOCS"),
     ("AUTHOR", "Parameter Golf team", "str", "submission.json author"),
     ("GITHUB_ID", "", "str", "submission.json github_id"),
 ]
@@ -112,6 +132,9 @@ ARCH_KEYS = ["VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS
              "TIE_EMBEDDINGS", "TIED_EMBED_INIT_STD"]
 KIND_TEXT = {"int": "an integer", "float": "a number", "bool": "0 or 1", "ints": "comma-separated integers",
              "floats": "comma-separated numbers", "strs": "comma-separated words", "str": "a string"}
+
+LORA_TARGETS = {"q": ["attn.q"], "k": ["attn.k"], "v": ["attn.v"], "o": ["attn.proj"], "mlp": ["mlp.fc", "mlp.proj"],
+                "head": []}
 
 class ConfigError(Exception):
     """A bad setting or input file; main() prints it as one line and exits 2."""
@@ -155,6 +178,23 @@ class Settings:
                 for lr in self.sweep_slot_lr or [self.slot_lr]
                 for lo in self.sweep_slot_lr_min or [self.slot_lr_min]]
 
+    def ttt_point(self, **kw):
+        return dict(dict(rank=self.ttt_lora_rank, targets=self.ttt_lora_targets, lr=self.ttt_lr,
+                         wd=self.ttt_weight_decay, chunk=self.ttt_chunk_size, steps=self.ttt_grad_steps,
+                         batch=self.ttt_batch_size, seq_len=self.ttt_eval_seq_len, phases=self.phased_ttt_num_phases,
+                         prefix_docs=self.phased_ttt_prefix_docs, global_lr=self.global_ttt_lr,
+                         global_momentum=self.global_ttt_momentum, global_epochs=self.global_ttt_epochs,
+                         global_chunk=self.global_ttt_chunk, global_clip=self.global_ttt_grad_clip), **kw)
+
+    def ttt_grid(self):
+        if not any([self.sweep_ttt_lr, self.sweep_ttt_lora_rank, self.sweep_ttt_chunk_size,
+                    self.sweep_ttt_prefix_docs]):
+            return []
+        return [self.ttt_point(lr=lr, rank=r, chunk=c, prefix_docs=n) for lr in self.sweep_ttt_lr or [self.ttt_lr]
+                for r in self.sweep_ttt_lora_rank or [self.ttt_lora_rank]
+                for c in self.sweep_ttt_chunk_size or [self.ttt_chunk_size]
+                for n in self.sweep_ttt_prefix_docs or [self.phased_ttt_prefix_docs]]
+
     def validate(self):
         def need(ok, name, why, fix):
             if not ok:
@@ -163,12 +203,16 @@ class Settings:
                          "NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT TRAIN_LOG_EVERY EVAL_SEQ_LEN "
                          "EVAL_STRIDE EVAL_BATCH SLOT_BATCH MUON_BACKEND_STEPS SWA_EVERY GPTQ_BLOCK ADAM_EPS "
                          "GPTQ_CALIB_BATCHES SIZE_LIMIT_BYTES BIGRAM_DIM VE_DIM ROPE_BASE LOGIT_SOFTCAP "
-                         "GPTQ_TEMPERATURE GPTQ_DAMP"),
+                         "GPTQ_TEMPERATURE GPTQ_DAMP TTT_LORA_RANK TTT_CHUNK_SIZE TTT_BATCH_SIZE TTT_EVAL_SEQ_LEN "
+                         "GLOBAL_TTT_CHUNK"),
                  ">= 0": (lambda v: v >= 0, "WARMUP_STEPS WARMDOWN_ITERS MAX_WALLCLOCK_SECONDS VAL_LOSS_EVERY "
                           "VAL_TOKENS ROPE_DIMS XSA_LAST_N BIGRAM_VOCAB_SIZE TIED_EMBED_LR HEAD_LR MATRIX_LR "
                           "SCALAR_LR MUON_WD MUON_MOMENTUM_WARMUP_STEPS ADAM_WD GRAD_CLIP_NORM GPTQ_RESERVE_SECONDS "
-                          "TARGET_BYTES SLOT_STEPS SLOT_LR SLOT_LR_MIN TIED_EMBED_INIT_STD MLP_LEAKY_SLOPE"),
-                 "in [0, 1)": (lambda v: 0 <= v < 1, "MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 EMA_DECAY"),
+                          "TARGET_BYTES SLOT_STEPS SLOT_LR SLOT_LR_MIN TIED_EMBED_INIT_STD MLP_LEAKY_SLOPE TTT_LR "
+                          "TTT_WEIGHT_DECAY TTT_GRAD_STEPS PHASED_TTT_NUM_PHASES PHASED_TTT_PREFIX_DOCS GLOBAL_TTT_LR "
+                          "GLOBAL_TTT_EPOCHS GLOBAL_TTT_GRAD_CLIP"),
+                 "in [0, 1)": (lambda v: 0 <= v < 1, "MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 EMA_DECAY "
+                               "GLOBAL_TTT_MOMENTUM"),
                  "in [0, 1]": (lambda v: 0 <= v <= 1, "SWA_LR_THRESHOLD LATE_QAT_THRESHOLD")}
         for rule, (ok, names) in rules.items():
             for n in names.split():
@@ -206,8 +250,16 @@ class Settings:
              "SLOT_MODE=causal would leak", "use SLOT_DELTA=window with SLOT_MODE=causal")
         need(all(0 < v <= self.eval_seq_len for v in self.sweep_eval_stride), "SWEEP_EVAL_STRIDE",
              "strides must be in [1, EVAL_SEQ_LEN]", "list strides between 1 and EVAL_SEQ_LEN")
-        for n in ["SWEEP_SLOT_STEPS", "SWEEP_SLOT_LR", "SWEEP_SLOT_LR_MIN"]:
+        for n in ["SWEEP_SLOT_STEPS", "SWEEP_SLOT_LR", "SWEEP_SLOT_LR_MIN", "SWEEP_TTT_LR", "SWEEP_TTT_PREFIX_DOCS"]:
             need(all(v >= 0 for v in getattr(self, n.lower())), n, "values must be >= 0", f"list values >= 0 in {n}")
+        need(all(v > 0 for v in self.sweep_ttt_lora_rank), "SWEEP_TTT_LORA_RANK", "ranks must be > 0",
+             "list ranks >= 1")
+        for n in ["TTT_CHUNK_SIZE", "SWEEP_TTT_CHUNK_SIZE"]:
+            v = getattr(self, n.lower())
+            need(all(0 < c <= self.ttt_eval_seq_len for c in (v if isinstance(v, list) else [v])), n,
+                 f"chunks must be in [1, TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len}]", "use chunks <= TTT_EVAL_SEQ_LEN")
+        need(set(self.ttt_lora_targets) <= set(LORA_TARGETS), "TTT_LORA_TARGETS",
+             f"must be a subset of {','.join(LORA_TARGETS)}", "list some of q,k,v,o,mlp,head (e.g. k,o,mlp,head)")
         need(self.gptq_calib != "train" or self.eval_only or not self.max_wallclock_seconds
              or self.gptq_reserve_seconds < self.max_wallclock_seconds, "GPTQ_RESERVE_SECONDS",
              "leaves no training time", "keep it well below MAX_WALLCLOCK_SECONDS")
@@ -339,16 +391,23 @@ def fake_quant_int6(w):
 
 QAT = False  # late QAT; a global, which torch.compile guards (torch 2.11 missed a flipped nn.Module class attribute)
 
+def lora_delta(x, lora):
+    """Batched low-rank delta: row b of x [B, T, in] gets (x_b A_b^T) B_b^T, A [B, r, in], B [B, out, r]."""
+    A, B = lora
+    return (x @ A.mT.to(x.dtype)) @ B.mT.to(x.dtype)
+
 class CastedLinear(nn.Linear):
-    """fp32 master weight cast to the activation dtype; block matrices train through int6 once late QAT starts."""
+    """fp32 master weight cast to the activation dtype; block matrices train through int6 once late QAT starts.
+    `lora` is None except while TTT attaches per-document adapters (A, B)."""
 
     def __init__(self, n_in, n_out, quantized=False):
         super().__init__(n_in, n_out, bias=False)
-        self.quantized = quantized
+        self.quantized, self.lora = quantized, None
 
     def forward(self, x):
         w = fake_quant_int6(self.weight) if (self.quantized and QAT) else self.weight
-        return F.linear(x, w.to(x.dtype))
+        y = F.linear(x, w.to(x.dtype))
+        return y if self.lora is None else y + lora_delta(x, self.lora)
 
 def _attention_kernel():
     for module, name in (("flash_attn_interface", "flash-attn-3"), ("flash_attn", "flash-attn-2")):
@@ -493,6 +552,7 @@ class GPT(nn.Module):
         self.ve_layers = list(c["VE_LAYERS"]) if c["VE_ENABLED"] else []
         self.ve = ValueEmbedding(V, c["VE_DIM"], kv_dim, len(self.ve_layers)) if self.ve_layers else None
         self.lm_head = None if c["TIE_EMBEDDINGS"] else CastedLinear(d, V)
+        self.head_lora = None  # TTT's per-document adapters of the output head
         half = self.rope_dims // 2
         self.register_buffer("inv_freq", 1.0 / c["ROPE_BASE"] ** (torch.arange(half) / max(half, 1)), persistent=False)
         self._init_weights(c["TIED_EMBED_INIT_STD"])
@@ -544,6 +604,9 @@ class GPT(nn.Module):
         return rms_norm(x)
 
     def logits(self, h, bias=None):
+        if self.head_lora is not None:
+            delta = lora_delta(h, self.head_lora)
+            bias = delta if bias is None else bias + delta
         return softcap_logits(h, self.head_weight().to(h.dtype), self.softcap, bias)
 
     def forward(self, ids, targets):
@@ -1313,6 +1376,161 @@ def evaluate(ctx, model, val, seq_len, stride, batch, points=(None,), label="eva
     return [(s[0].item() / s[2].item(), s[0].item() / math.log(2) / s[1].item(), sec) for s, sec in zip(sums, secs)]
 
 
+# ----------------------------------------------------------------------------- evaluation: score-first TTT
+
+def documents(tokens):
+    """[start, n_targets] per document. A document runs from its BOS up to the next BOS, which is its last
+    target: every val target is scored exactly once, from its own document's tokens only."""
+    starts = np.union1d([0], np.flatnonzero(tokens[:-1] == BOS_ID))
+    return np.stack([starts, np.append(starts[1:], len(tokens) - 1) - starts], 1)
+
+def ttt_window_tokens(n, chunk, seq_len):
+    """Tokens forwarded to score documents of n targets chunk by chunk, each chunk with a window of at most seq_len
+    tokens (the last partial chunk counted whole): the unit of TTT work for projections."""
+    m, k = -(-np.asarray(n, np.int64) // chunk), seq_len // chunk
+    k = np.minimum(m, k)
+    return chunk * k * (k + 1) // 2 + (m - k) * seq_len
+
+def attach_lora(model, p, n, device):
+    """Fresh adapters for n documents on the TTT_LORA_TARGETS; returns [(module, A, B)]. B starts at zero (no
+    effect); A is one fixed draw shared by all documents, so that no result depends on a document's batch slot."""
+    mods = [b.get_submodule(m) for b in model.blocks for t in p["targets"] for m in LORA_TARGETS[t]]
+    gen, out = torch.Generator(device=device).manual_seed(0), []
+    for m in mods + ([model] if "head" in p["targets"] else []):
+        n_out, n_in = model.head_weight().shape if m is model else (m.out_features, m.in_features)
+        A = (torch.rand(p["rank"], n_in, generator=gen, device=device) * 2 - 1) / math.sqrt(n_in)
+        out.append((m, A.expand(n, -1, -1).clone().requires_grad_(),
+                    torch.zeros(n, n_out, p["rank"], device=device, requires_grad=True)))
+    return out
+
+def set_lora(adapters, rows):
+    for m, A, B in adapters:
+        lora = None if rows is None else (A[:rows], B[:rows])
+        if m.__class__ is CastedLinear:
+            m.lora = lora
+        else:
+            m.head_lora = lora
+
+def ttt_batch(ctx, model, val, docs, p, on_scored=None):
+    """Per-document LoRA TTT of a batch of documents: chunk c of every document is scored (context: at most seq_len
+    tokens of the same document), and only then do the document's adapters take `steps` AdamW steps on it (the
+    scoring forward doubles as the first step). Losses are per-document means, so documents never interact.
+    Returns float64 [sum of nll, sum of bytes, count]."""
+    tokens, tbytes = val
+    docs = docs[np.argsort(-docs[:, 1], kind="stable")]  # longest first: live documents are a prefix of the batch
+    starts, lens, C, L = docs[:, 0], docs[:, 1], p["chunk"], p["seq_len"]
+    adapters = attach_lora(model, p, len(docs), ctx.device)
+    opt = torch.optim.AdamW([t for _, A, B in adapters for t in (A, B)], lr=p["lr"], betas=(0.0, 0.999),
+                            weight_decay=p["wd"])
+    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    dev = lambda a: torch.from_numpy(a).to(ctx.device)
+    try:
+        for c in range(-(-int(lens.max()) // C)):
+            n = int((lens > c * C).sum())
+            st, ln = starts[:n, None], lens[:n, None]
+            end = np.minimum((c + 1) * C, ln)
+            ws = np.maximum(end - L, 0)
+            pos = np.minimum(ws + np.arange(int((end - ws).max())), ln - 1)  # past a document's end: masked
+            x, y = dev(tokens[st + pos].astype(np.int64)), dev(tokens[st + pos + 1].astype(np.int64))
+            tgt = c * C + np.arange(C)[None]
+            live = tgt < ln
+            slot = dev(np.minimum(tgt, ln - 1) - ws)
+            live_t, nbytes = dev(live), dev(tbytes[st + np.minimum(tgt, ln - 1)].astype(np.float64))
+            train = p["steps"] > 0 and bool((ln > (c + 1) * C).any())  # a document's last chunk teaches nothing
+            weight = dev((live & (ln > (c + 1) * C)) / live.sum(1, keepdims=True)).float()
+            set_lora(adapters, n)
+            for step in range(max(p["steps"], 1)):
+                with torch.set_grad_enabled(train), ctx.autocast():
+                    h = model.forward_hidden(x)
+                    z = model.logits(h.gather(1, slot[..., None].expand(-1, -1, h.size(-1)))).float()
+                    nll = F.cross_entropy(z.flatten(0, 1), y.gather(1, slot).flatten(), reduction="none").view(n, C)
+                if step == 0:  # the score, final before any update that used these targets
+                    sums += torch.stack([nll.detach().double()[live_t].sum(), nbytes[live_t].sum(),
+                                         live_t.sum().double()])
+                    if on_scored is not None:
+                        on_scored((st + tgt)[live], F.log_softmax(z.detach(), -1)[live_t])
+                if not train:
+                    break
+                opt.zero_grad(set_to_none=True)
+                (nll * weight).sum().backward()
+                opt.step()
+    finally:
+        set_lora(adapters, None)
+    return sums
+
+def global_sgd(ctx, model, tokens, p, opt):
+    """Phased global TTT: SGD of the base weights over the scored prefix `tokens` (sequences of seq_len tokens,
+    global_chunk tokens per step across ranks; gradients summed over ranks and clipped as one model's)."""
+    L, n, params = p["seq_len"], len(tokens) - 1, list(model.parameters())
+    seqs, per_step = np.arange(0, n, L), max(1, p["global_chunk"] // L)
+    model.requires_grad_(True)
+    for _ in range(p["global_epochs"]):
+        for i in range(0, len(seqs), per_step):
+            mine = np.array_split(seqs[i:i + per_step], ctx.world)[ctx.rank]
+            if len(mine):
+                pos = mine[:, None] + np.arange(L)
+                x, y = (torch.from_numpy(tokens[np.minimum(pos, n - 1) + o].astype(np.int64)).to(ctx.device)
+                        for o in (0, 1))
+                with ctx.autocast():
+                    z = model.logits(model.forward_hidden(x)).float()
+                nll = F.cross_entropy(z.flatten(0, 1), y.flatten(), reduction="none")
+                count = sum(min(L, n - s) for s in seqs[i:i + per_step])
+                (nll[torch.from_numpy((pos < n).reshape(-1)).to(ctx.device)].sum() / count).backward()
+            g = ctx.all_reduce(torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).reshape(-1)
+                                          for q in params]))
+            if p["global_clip"] > 0:
+                g *= torch.clamp(p["global_clip"] / (g.norm() + 1e-6), max=1.0)
+            for q, gq in zip(params, g.split([q.numel() for q in params])):
+                q.grad = gq.view_as(q)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    model.requires_grad_(False)
+
+def ttt_evaluate(ctx, model, val, p, on_scored=None, label="TTT eval"):
+    """Score-first TTT over the val documents (SPEC section 9): per-document LoRA (ttt_batch) and, at each of
+    `phases` boundaries spread over the first `prefix_docs` documents, global SGD over every document scored so
+    far; later documents are scored with the updated base. Documents of a phase are split across ranks. The
+    model's weights are restored at the end. Returns (val_loss, val_bpb, seconds)."""
+    t0 = time.perf_counter()
+    docs = documents(val[0])
+    n_pre = min(p["prefix_docs"], len(docs))
+    cuts = {round(k * n_pre / p["phases"]) for k in range(1, p["phases"] + 1)} if p["phases"] else set()
+    bounds = [0] + sorted(c for c in cuts if 0 < c < len(docs)) + [len(docs)]
+    saved = [q.detach().clone() for q in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=p["global_lr"], momentum=p["global_momentum"])
+    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    parts = [lo + np.argsort(-docs[lo:hi, 1], kind="stable")[ctx.rank::ctx.world]
+             for lo, hi in zip(bounds[:-1], bounds[1:])]  # longest first, for even batches and ranks
+    work = ttt_window_tokens(docs[:, 1], p["chunk"], p["seq_len"])
+    done, total, n_batches = 0, int(sum(work[m].sum() for m in parts)), 0
+    model.requires_grad_(False)
+    try:
+        for k, mine in enumerate(parts):
+            for i in range(0, len(mine), p["batch"]):
+                sums += ttt_batch(ctx, model, val, docs[mine[i:i + p["batch"]]], p, on_scored)
+                done, n_batches = done + int(work[mine[i:i + p["batch"]]].sum()), n_batches + 1
+                if n_batches == 3:
+                    ctx.sync()
+                    sec = time.perf_counter() - t0
+                    ctx.log(f"ttt_projected: {label} {sec / done * total:.0f}s for {total} window tokens on this rank "
+                            f"({done} in {sec:.1f}s; global steps not included)" + (
+                                " warning: over the 600 s evaluation budget" if sec / done * total > 600 else ""))
+            if k + 1 < len(parts):  # a boundary: the base learns from every document scored so far
+                global_sgd(ctx, model, val[0][:docs[bounds[k + 1], 0] + 1], p, opt)
+    finally:
+        with torch.no_grad():
+            for q, s in zip(model.parameters(), saved):
+                q.copy_(s)
+        model.requires_grad_(False)
+    ctx.all_reduce(sums)
+    ctx.sync()
+    s = sums.tolist()
+    return s[0] / s[2], s[0] / math.log(2) / s[1], time.perf_counter() - t0
+
+def ttt_desc(p):
+    return " ".join(f"{k}:{','.join(v) if isinstance(v, list) else v}" for k, v in p.items())
+
+
 # ----------------------------------------------------------------------------- main
 
 def setup_distributed():
@@ -1420,9 +1638,17 @@ def run(a, ctx, run_id, code_bytes):
         results["sliding"] = r = evaluate(ctx, model, val, L, a.eval_stride, a.eval_batch, label="sliding eval")[0]
         ctx.log(f"final_sliding_window_exact stride:{a.eval_stride} val_loss:{r[0]:.8f} val_bpb:{r[1]:.8f} "
                 f"eval_time:{r[2]:.1f}s")
-    grid = a.sweep_grid()
+    grid, ttt_grid, rows = a.sweep_grid(), a.ttt_grid(), []
+    if a.ttt_enabled and not ttt_grid:
+        results["ttt"] = r = ttt_evaluate(ctx, model, val, a.ttt_point())
+        ctx.log(f"final_ttt_exact val_loss:{r[0]:.8f} val_bpb:{r[1]:.8f} eval_time:{r[2]:.1f}s "
+                + ttt_desc(a.ttt_point()))
+    for p in ttt_grid:
+        r = ttt_evaluate(ctx, model, val, p, label=f"sweep TTT {ttt_desc(p)}")
+        rows.append(f"| ttt | rank {p['rank']} chunk {p['chunk']} docs {p['prefix_docs']} | {p['steps']} | "
+                    f"{p['lr']:g} | - | - | {r[0]:.6f} | {r[1]:.6f} | {r[2]:.1f} |")
+        ctx.log("sweep_row " + rows[-1])
     if grid:
-        rows = []
         for stride in sorted({p["stride"] for p in grid}):
             pts = [None] + [p for p in grid if p["stride"] == stride]
             res = evaluate(ctx, model, val, L, stride, a.slot_batch, pts, label=f"sweep stride {stride}")
@@ -1431,9 +1657,10 @@ def run(a, ctx, run_id, code_bytes):
                 rows.append(f"| {p['mode']} | {p['delta']} | {p['steps']} | {p['lr']:g} | {p['lr_min']:g} | "
                             f"{stride} | {r[0]:.6f} | {r[1]:.6f} | {r[2]:.1f} |")
                 ctx.log("sweep_row " + rows[-1])
+    if rows:
         ctx.log("sweep table:\n| mode | delta | steps | lr | lr_min | stride | val_loss | val_bpb | seconds |\n"
                 "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
-    elif a.slot_enabled:
+    if a.slot_enabled and not grid:
         p = dict(mode=a.slot_mode, delta=a.slot_delta, steps=a.slot_steps, lr=a.slot_lr, lr_min=a.slot_lr_min)
         results["slot"] = r = evaluate(ctx, model, val, L, a.eval_stride, a.slot_batch, [p], label="SLOT eval")[0]
         ctx.log(f"final_slot_exact mode:{a.slot_mode} delta:{a.slot_delta} steps:{a.slot_steps} val_loss:{r[0]:.8f} "
@@ -1442,11 +1669,12 @@ def run(a, ctx, run_id, code_bytes):
         write_submission(a, ctx, run_id, results, code_bytes, os.path.getsize(a.artifact), header, steps, train_ms)
 
 def write_submission(a, ctx, run_id, results, code_bytes, model_bytes, header, steps, train_ms):
-    metric = next(k for k in ("slot", "sliding", "roundtrip") if k in results)
+    metric = next(k for k in ("ttt", "slot", "sliding", "roundtrip") if k in results)
     hw = (f"{ctx.world}x {torch.cuda.get_device_name()}" if ctx.device.type == "cuda"
           else f"{ctx.world}x CPU ({torch.get_num_threads()} threads)")
     c, label = header["config"], header["label"]
-    what = {"slot": f"SLOT mode {a.slot_mode} ({a.slot_steps} steps, stride {a.eval_stride})",
+    what = {"ttt": f"score-first TTT ({ttt_desc(a.ttt_point())})",
+            "slot": f"SLOT mode {a.slot_mode} ({a.slot_steps} steps, stride {a.eval_stride})",
             "sliding": f"sliding window stride {a.eval_stride}", "roundtrip": "plain windows"}[metric]
     sub = dict(author=a.author, github_id=a.github_id, name=run_id, date=datetime.now(timezone.utc).isoformat(),
                val_loss=results[metric][0], val_bpb=results[metric][1], bytes_total=code_bytes + model_bytes,
