@@ -1,0 +1,229 @@
+"""Score-first TTT (train_gpt.ttt_evaluate): equal to plain per-document scoring at lr 0 (checked against a direct
+forward per position), causal across chunks, documents, batches and phase boundaries, adapters reset per
+document, no gain on unpredictable tokens, 2 ranks equal 1, and the script's output line, sweep rows and
+submission headline."""
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt as tg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import slot_leak  # noqa: E402
+
+CPU = torch.device("cpu")
+CTX = tg.Ctx(0, 1, 0, CPU)
+V = 96
+# chunk 8 and windows of 32 tokens; docs 0..5 are the prefix, boundaries after docs 3 and 6 (of 10)
+P = tg.Settings({}).ttt_point(rank=4, chunk=8, batch=3, seq_len=32, phases=2, prefix_docs=6, lr=0.01,
+                              global_lr=0.02, global_chunk=64)
+LENS = [30, 5, 70, 12, 1, 44, 90, 20, 9, 33]
+
+
+@pytest.fixture(scope="module")
+def sharp_model():
+    return slot_leak.toy_model(vocab=V, dim=32, layers=2, seed=1, perturb=0.3)
+
+
+def make_docs(lens, seed=0, vocab=V):
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([[tg.BOS_ID], rng.integers(2, vocab, n)]).astype(np.uint16) for n in lens]
+
+
+def run_ttt(model, tokens, p, tbytes=None):
+    """(val_loss, val_bpb) and log p [T, V] of every target, by target index."""
+    tbytes = np.ones(len(tokens) - 1, np.int64) if tbytes is None else tbytes
+    got = {}
+    loss, bpb, _ = tg.ttt_evaluate(CTX, model, (tokens, tbytes), p, lambda t, lp: got.update(zip(t.tolist(), lp)))
+    assert sorted(got) == list(range(len(tokens) - 1))  # every target scored exactly once
+    return loss, bpb, torch.stack([got[j] for j in range(len(tokens) - 1)])
+
+
+def nll_of(logp, tokens):
+    return -logp.double()[torch.arange(len(tokens) - 1), torch.from_numpy(tokens[1:].astype(np.int64))]
+
+
+def test_documents_split_at_bos():
+    tokens = np.array([5, 1, 7, 8, 1, 1, 9, 1], np.uint16)  # text before the first BOS, an empty doc, a final BOS
+    assert tg.documents(tokens).tolist() == [[0, 1], [1, 3], [4, 1], [5, 2]]
+    assert tg.documents(tokens)[:, 1].sum() == len(tokens) - 1
+
+
+def test_window_tokens_formula():
+    for n in [1, 7, 8, 9, 40, 100, 333]:
+        brute = sum(min((c + 1) * 8, 32) for c in range(-(-n // 8)))
+        assert tg.ttt_window_tokens(n, 8, 32) == brute
+
+
+def test_zero_lr_equals_direct_per_document_scoring(sharp_model):
+    """All learning rates 0: every target j of a document is predicted from the document's tokens of the window
+    that scores its chunk, tokens[ws : j + 1], ws = max(0, chunk end - seq_len); one direct forward each."""
+    tokens = np.concatenate(make_docs(LENS))
+    tbytes = np.random.default_rng(1).integers(1, 5, len(tokens) - 1)
+    loss, bpb, _ = run_ttt(sharp_model, tokens, dict(P, lr=0.0, global_lr=0.0), tbytes)
+    nll = 0.0
+    with torch.no_grad():
+        for s, n in tg.documents(tokens):
+            for j in range(n):
+                ws = max(0, min((j // 8 + 1) * 8, n) - 32)
+                z = sharp_model.logits(sharp_model.forward_hidden(torch.from_numpy(
+                    tokens[s + ws:s + j + 1].astype(np.int64))[None])[0, -1]).double()
+                nll -= F.log_softmax(z, -1)[int(tokens[s + j + 1])].item()
+    assert loss == pytest.approx(nll / (len(tokens) - 1), rel=1e-6)
+    assert bpb == pytest.approx(nll / math.log(2) / tbytes.sum(), rel=1e-6)
+    ttt_loss, _, _ = run_ttt(sharp_model, tokens, P, tbytes)
+    assert ttt_loss < loss - 1e-3  # with learning rates the same documents score differently (here: better)
+
+
+def test_weights_restored(sharp_model):
+    before = [p.clone() for p in sharp_model.parameters()]
+    run_ttt(sharp_model, np.concatenate(make_docs(LENS)), P)
+    assert all(torch.equal(a, b) for a, b in zip(before, sharp_model.parameters()))
+    assert all(m.lora is None for m in sharp_model.modules() if isinstance(m, tg.CastedLinear))
+    assert sharp_model.head_lora is None and not any(p.requires_grad for p in sharp_model.parameters())
+
+
+@pytest.fixture(scope="module")
+def causal_ref(sharp_model):
+    tokens = np.concatenate(make_docs(LENS))
+    return tokens, run_ttt(sharp_model, tokens, P)[2]
+
+
+# positions in doc 0, doc 2 (long: windows slide), doc 5 (end of the prefix), doc 6 (after the last boundary)
+@pytest.mark.parametrize("t", [3, 40, 60, 130, 140, 200, 260])
+def test_changing_token_t_and_later_leaves_earlier_scores(sharp_model, causal_ref, t):
+    """Changing token t and every later one (BOS kept: the same documents) leaves the distribution of every target
+    j < t (it predicts token j + 1 <= t) unchanged, though batches mix documents, adapters train on scored chunks
+    and the base takes global steps at boundaries; later targets do change."""
+    tokens, ref = causal_ref
+    changed = tokens.copy()
+    free = np.flatnonzero(tokens != tg.BOS_ID)
+    free = free[free >= t]
+    changed[free] = 2 + (changed[free] - 2 + np.random.default_rng(t).integers(1, V - 2, len(free))) % (V - 2)
+    assert (changed[free] != tokens[free]).all() and (tg.documents(changed) == tg.documents(tokens)).all()
+    got = run_ttt(sharp_model, changed, P)[2]
+    torch.testing.assert_close(got[:t], ref[:t], atol=1e-6, rtol=0)
+    assert (got[t:] - ref[t:]).abs().max() > 1e-3
+
+
+def per_doc_nll(model, docs, p):
+    tokens = np.concatenate(docs + [[tg.BOS_ID]])  # every document, the last too, ends by predicting a BOS
+    nll = nll_of(run_ttt(model, tokens, p)[2], tokens)
+    return [nll[s:s + n].sum().item() for s, n in tg.documents(tokens)]
+
+
+def test_adapters_reset_per_document(sharp_model):
+    """Global TTT off: a document's NLL is the same in any order of the documents, in any batch slot, and alone."""
+    docs, p = make_docs(LENS, seed=3), dict(P, phases=0)
+    ref = per_doc_nll(sharp_model, docs, p)
+    perm = np.random.default_rng(0).permutation(len(docs))
+    swapped = per_doc_nll(sharp_model, [docs[i] for i in perm], p)
+    assert [swapped[list(perm).index(i)] for i in range(len(docs))] == pytest.approx(ref, rel=1e-5)
+    for i in (2, 6):
+        assert per_doc_nll(sharp_model, [docs[i]], p)[0] == pytest.approx(ref[i], rel=1e-5)
+    lr0 = per_doc_nll(sharp_model, docs, dict(p, lr=0.0))
+    assert abs(lr0[6] - ref[6]) > 1e-2  # the adapters do learn within a document
+
+
+def test_uniform_tokens_ttt_cannot_beat_the_bound():
+    """Tokens uniform over the 1022 non-BOS, non-pad ids: no score-first method can beat log2(1022) bits on them
+    in expectation (Gibbs). TTT with large learning rates, adapting strongly, stays above it and above plain
+    per-document scoring (lr 0) minus the most a causal method can legitimately learn here (that ids 0 and 1
+    never occur: log2(1024/1022) bits), within 4 standard errors."""
+    model = slot_leak.toy_model(vocab=1024, dim=32, layers=2, seed=0)
+    tokens = np.concatenate(make_docs([150] * 40, seed=5, vocab=1024))
+    p = dict(P, chunk=16, seq_len=64, batch=8, phases=2, prefix_docs=20, lr=0.01, global_lr=0.1)
+    keep = torch.from_numpy(tokens[1:] != tg.BOS_ID)
+    ttt = nll_of(run_ttt(model, tokens, p)[2], tokens)[keep] / math.log(2)
+    plain = nll_of(run_ttt(model, tokens, dict(p, lr=0.0, global_lr=0.0))[2], tokens)[keep] / math.log(2)
+    n = len(ttt)
+    se, se_paired = ttt.std().item() / n ** 0.5, (ttt - plain).std().item() / n ** 0.5
+    assert (ttt - plain).abs().mean() > 1e-3  # TTT really adapted
+    assert ttt.mean() >= math.log2(1022) - 4 * se
+    assert ttt.mean() >= plain.mean() - math.log2(1024 / 1022) - 4 * se_paired
+
+
+@pytest.mark.parametrize("env,msg", [({"TTT_CHUNK_SIZE": "64", "TTT_EVAL_SEQ_LEN": "32"}, "TTT_CHUNK_SIZE"),
+                                     ({"TTT_LORA_TARGETS": "q,ffn"}, "TTT_LORA_TARGETS"),
+                                     ({"GLOBAL_TTT_MOMENTUM": "1"}, "GLOBAL_TTT_MOMENTUM"),
+                                     ({"SWEEP_TTT_LORA_RANK": "8,0"}, "SWEEP_TTT_LORA_RANK"),
+                                     ({"TTT_LR": "-1"}, "TTT_LR")])
+def test_bad_ttt_settings_are_config_errors(env, msg):
+    with pytest.raises(tg.ConfigError, match=msg):
+        tg.Settings(env)
+
+
+# ----------------------------------------------------------------------------- through the script
+
+TTT_ENV = {"EVAL_ONLY": "1", "SLIDING_ENABLED": "0", "SLOT_ENABLED": "0", "VAL_TOKENS": "2048",
+           "TTT_LORA_RANK": "4", "TTT_CHUNK_SIZE": "16", "TTT_BATCH_SIZE": "4", "TTT_EVAL_SEQ_LEN": "64",
+           "PHASED_TTT_NUM_PHASES": "2", "PHASED_TTT_PREFIX_DOCS": "12", "TTT_LR": "0.003",
+           "GLOBAL_TTT_LR": "0.003", "GLOBAL_TTT_CHUNK": "256"}
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, TOY):
+    """An fp32 artifact of a perturbed toy record-architecture model (no training needed)."""
+    cfg = tg.Settings(dict(TOY)).arch()
+    torch.manual_seed(0)
+    model = tg.GPT(cfg)
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(0.05 * torch.randn_like(q))
+    path = tmp_path_factory.mktemp("ttt_art") / "toy.pgz"
+    path.write_bytes(tg.encode_artifact([(k, "fp32", v.numpy()) for k, v in model.state_dict().items()], "none",
+                                        "toy", cfg))
+    return path
+
+
+def ttt_line(out):
+    lines = [x for x in out.splitlines() if x.startswith("final_ttt_exact ")]
+    assert len(lines) == 1, out[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def one_rank(artifact, toy_env, run_script):
+    r = run_script({**toy_env, **TTT_ENV, "ARTIFACT": str(artifact), "RUN_ID": "ttt1", "TTT_ENABLED": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_script_prints_ttt_line_and_headline(one_rank):
+    line = ttt_line(one_rank.stdout)
+    assert re.match(r"final_ttt_exact val_loss:[0-9.]+ val_bpb:[0-9.]+ eval_time:[0-9.]+s rank:4 "
+                     r"targets:q,k,v,o,mlp,head lr:0.003 .*chunk:16 .*phases:2 prefix_docs:12 ", line), line
+    assert "ttt_projected: TTT eval " in one_rank.stdout
+    sub = json.loads((one_rank.log_dir / "ttt1.submission.json").read_text())
+    assert sub["metric"] == "ttt" and f"{sub['val_bpb']:.8f}" == re.search(r"val_bpb:(\S+)", line)[1]
+
+
+def test_two_ranks_equal_one(one_rank, artifact, toy_env, run_script, tmp_path):
+    r = run_script({**toy_env, **TTT_ENV, "ARTIFACT": str(artifact), "RUN_ID": "ttt2", "TTT_ENABLED": "1",
+                    "LOG_DIR": str(tmp_path)}, launcher=TORCHRUN)
+    assert "world:2" in r.stdout, r.stderr[-3000:]
+    loss = lambda out: float(re.search(r"val_loss:(\S+)", ttt_line(out))[1])
+    assert loss(r.stdout) == pytest.approx(loss(one_rank.stdout), rel=1e-5)
+    assert r.returncode == 0 or "terminate called" in r.stderr, r.stderr[-3000:]  # see test_train's torchrun test
+
+
+def test_sweep_rows(one_rank, artifact, toy_env, run_script):
+    r = run_script({**toy_env, **TTT_ENV, "ARTIFACT": str(artifact), "RUN_ID": "tsw", "SWEEP_TTT_LR": "0.003,0",
+                    "SWEEP_TTT_PREFIX_DOCS": "12"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [x[len("sweep_row "):] for x in r.stdout.splitlines() if x.startswith("sweep_row ")]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    assert [c[:4] for c in cells] == [["ttt", "rank 4 chunk 16 docs 12", "1", "0.003"],
+                                      ["ttt", "rank 4 chunk 16 docs 12", "1", "0"]]
+    assert r.stdout.split("sweep table:\n", 1)[1].splitlines()[2:4] == rows
+    assert "final_ttt_exact" not in r.stdout
+    ref = float(re.search(r"val_loss:(\S+)", ttt_line(one_rank.stdout))[1])
+    assert float(cells[0][6]) == pytest.approx(ref, abs=2e-6)
