@@ -1405,11 +1405,8 @@ def attach_lora(model, p, n, device):
 
 def set_lora(adapters, rows):
     for m, A, B in adapters:
-        lora = None if rows is None else (A[:rows], B[:rows])
-        if m.__class__ is CastedLinear:
-            m.lora = lora
-        else:
-            m.head_lora = lora
+        setattr(m, "lora" if isinstance(m, CastedLinear) else "head_lora",
+                None if rows is None else (A[:rows], B[:rows]))
 
 def ttt_batch(ctx, model, val, docs, p, on_scored=None):
     """Per-document LoRA TTT of a batch of documents: chunk c of every document is scored (context: at most seq_len
