@@ -93,7 +93,7 @@ def main():
     all_lens, source = doc_lengths(args.val_shard)
     local, glob = ttt_flops(all_lens, p, cfg, n_matrix)
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"model: record architecture, {sum(q.numel() for q in model.parameters())} parameters, "
+    print(f"model: {cfg['NUM_LAYERS']}L d{cfg['MODEL_DIM']} (settings from the environment), {sum(q.numel() for q in model.parameters())} parameters, "
           f"{n_matrix} in matrices (incl. head)")
     print("ttt settings: " + tg.ttt_desc(p))
     print(f"measured: {args.docs} docs x {args.doc_len} targets on {dev_name}: {sec:.2f}s, "
@@ -101,6 +101,8 @@ def main():
     print(f"document lengths: {source}; {len(all_lens)} docs, mean {all_lens.mean():.0f}, max {all_lens.max()}")
     print(f"full eval FLOPs: per-document LoRA {local / 1e15:.2f} PFLOP + global phases {glob / 1e15:.3f} PFLOP")
     print(f"projection at this device's measured rate, {args.gpus} devices: {(local + glob) / rate / args.gpus:.0f}s")
+    for mfu in (0.10, 0.15, 0.26, 0.40):
+        print(f"  at MFU {mfu:.2f}: {(local + glob) / (args.gpus * H100_BF16 * mfu):.0f}s on {args.gpus}xH100")
     h100 = (local + glob) / (args.gpus * H100_BF16 * args.mfu)
     print(f"assumed: H100 bf16 dense peak {H100_BF16 / 1e12:.0f} TFLOP/s, MFU {args.mfu:.2f} "
           f"(reference: the seeds' training, ~0.26)")
