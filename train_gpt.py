@@ -814,6 +814,7 @@ def train(a, ctx, model, train_files, val):
         ctx.sync()
         elapsed = torch.tensor(train_ms + 1000 * (time.perf_counter() - t0), dtype=torch.float64, device=ctx.device)
         elapsed = ctx.all_reduce(elapsed, dist.ReduceOp.MAX).item()
+        recent = (elapsed - clock[1]) / (step - clock[0])  # steps since the last clock: late-QAT steps are slower
         clock = (step, elapsed, elapsed / step)
         if logging:
             loss = (ctx.all_reduce(loss.clone()) / ctx.world).item()
@@ -822,9 +823,9 @@ def train(a, ctx, model, train_files, val):
                                   "TIED_EMBED_LR, keep GRAD_CLIP_NORM > 0, or check the train shards")
             ctx.log(f"step:{step}/{a.iterations} train_loss:{loss:.4f} train_time:{clock[1]:.0f}ms "
                     f"step_avg:{clock[2]:.2f}ms")
-        if budget_ms and clock[1] + clock[2] > budget_ms:
-            break  # another mean step would end past the cap
-        next_clock = step + max(1, int((budget_ms - clock[1]) / clock[2] / 2)) if budget_ms else a.iterations
+        if budget_ms and elapsed + recent > budget_ms:
+            break  # another step as long as the recent ones would end past the cap
+        next_clock = step + max(1, int((budget_ms - elapsed) / recent / 2)) if budget_ms else a.iterations
     ctx.sync()
     train_ms += 1000 * (time.perf_counter() - t0)
     QAT = False
