@@ -3,8 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-ensure_deps() {  # a fresh machine: install what requirements.txt names, once
-  python -c "import torch, numpy, sentencepiece, pytest" 2>/dev/null || python -m pip install -q -r requirements.txt
+ensure_deps() {  # a fresh machine: install what requirements.txt names, once; an installed torch >= 2.11 stays
+  local pin=()
+  python -c "import torch" 2>/dev/null || pin=(torch==2.13.0)  # the version CI tests (as .ci/run)
+  python -c "import torch, numpy, sentencepiece, pytest" 2>/dev/null || python -m pip install -q "${pin[@]}" \
+    -r requirements.txt
 }
 
 gpus() { python -c "import torch; print(torch.cuda.device_count())"; }
