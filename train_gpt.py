@@ -4,7 +4,8 @@ Every setting is an environment variable; see README.md. Order: settings -> data
 optimizer -> training -> export -> evaluation -> main."""
 from __future__ import annotations
 
-import contextlib, copy, difflib, glob, hashlib, importlib, json, lzma, math, os, re, signal, struct, sys, time, traceback
+import contextlib, copy, difflib, glob, hashlib, importlib, json, lzma, math, os, re, signal, struct, sys, time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -114,7 +115,7 @@ KIND_TEXT = {"int": "an integer", "float": "a number", "bool": "0 or 1", "ints":
              "floats": "comma-separated numbers", "strs": "comma-separated words", "str": "a string"}
 
 MAX_PARAMS = 1 << 30  # 4 GiB of fp32 weights: far above the record model (27M), far below a memory bomb
-TORCHRUN = (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"))
+TORCHRUN = (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"))  # checked as ints
 
 class ConfigError(Exception):
     """A bad setting or input file; main() prints it as one line and exits 2."""
@@ -145,7 +146,6 @@ class Settings:
             setattr(self, name.lower(), list(value) if isinstance(value, list) else value)
         for name, default in TORCHRUN:  # set by torchrun; checked here so that setup_distributed() can trust them
             setattr(self, name.lower(), _parse(name, env.get(name, default), default, "int"))
-        self.local_world_size = self.local_world_size if "LOCAL_WORLD_SIZE" in env else self.world_size
         if self.grad_accum_steps == 0:
             self.grad_accum_steps = max(1, 8 // max(self.world_size, 1))
         self.validate()
@@ -155,19 +155,12 @@ class Settings:
 
     @classmethod
     def from_arch(cls, config):
-        """Settings holding a model config (an artifact's), checked by the same rules; defaults for the rest."""
-        s, kinds = cls({}), {n: k for n, _, k, _ in SETTINGS}
-        missing, unknown = sorted(set(ARCH_KEYS) - set(config)), sorted(set(config) - set(ARCH_KEYS))
-        if missing or unknown:
-            raise ConfigError(f"config keys missing: {missing}, unknown: {unknown}")
-        for k, v in config.items():
-            want = {"int": int, "float": (int, float), "bool": bool, "ints": list}[kinds[k]]
-            if (isinstance(v, bool) != (want is bool) or not isinstance(v, want) or kinds[k] == "ints"
-                    and not all(type(i) is int for i in v)):
-                raise ConfigError(f"{k}={v!r} is not {KIND_TEXT[kinds[k]]}")
-            setattr(s, k.lower(), float(v) if kinds[k] == "float" else v)
-        s.validate()
-        return s
+        """Settings of a model config (an artifact's), parsed and checked as if it came from the environment."""
+        if sorted(config) != sorted(ARCH_KEYS):
+            raise ConfigError(f"config keys missing: {sorted(set(ARCH_KEYS) - set(config))}, unknown: "
+                              f"{sorted(set(config) - set(ARCH_KEYS))}")
+        return cls({k: ",".join(map(str, v)) if isinstance(v, list) else str(int(v) if isinstance(v, bool) else v)
+                    for k, v in config.items()})
 
     def sweep_grid(self):
         if not any([self.sweep_slot_mode, self.sweep_slot_steps, self.sweep_slot_lr, self.sweep_slot_lr_min,
@@ -184,25 +177,23 @@ class Settings:
         def need(ok, name, why, fix):
             if not ok:
                 raise ConfigError(f"{name}={getattr(self, name.lower())!r}: {why}; fix: {fix}")
-        for name, _, kind, _ in SETTINGS:  # NaN fails every comparison, so this also rejects nan and inf
-            lim, x = 2**32 - 1 if kind in ("int", "ints") else 1e9, getattr(self, name.lower())
-            if kind in ("int", "ints", "float", "floats"):
-                need(all(abs(v) <= lim for v in (x if isinstance(x, list) else [x])), name, "must be finite and at "
-                     f"most {lim:.10g} in size", f"set {name} between {-lim:.10g} and {lim:.10g}")
-        for name, _, kind, _ in SETTINGS:  # a newline in a path would forge lines in the log
-            x = getattr(self, name.lower())
-            need(kind != "str" or esc(x) == x, name, "holds control characters", "remove them")
+        for name, _, kind, _ in SETTINGS:  # NaN fails every comparison, so the bound also rejects nan and inf
+            x, lim = getattr(self, name.lower()), 2**32 - 1 if kind in ("int", "ints") else 1e9
+            need(kind in ("str", "strs", "bool") or all(abs(v) <= lim for v in (x if isinstance(x, list) else [x])),
+                 name, f"must be finite and at most {lim:.10g} in size", f"set {name} within +-{lim:.10g}")
+            need(kind != "str" or esc(x) == x, name, "holds control characters (they forge log lines)", "drop them")
         need(re.fullmatch(r"[A-Za-z0-9_.-]{0,100}", self.run_id), "RUN_ID", "may hold only letters, digits, "
              "'_', '.', '-' (at most 100)", "pick a plain file name such as RUN_ID=run_1")
-        rules = {"> 0": (lambda v: v > 0, "WORLD_SIZE LOCAL_WORLD_SIZE VOCAB_SIZE ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN GRAD_ACCUM_STEPS "
-                         "NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT TRAIN_LOG_EVERY EVAL_SEQ_LEN "
-                         "EVAL_STRIDE EVAL_BATCH SLOT_BATCH MUON_BACKEND_STEPS SWA_EVERY GPTQ_BLOCK ADAM_EPS "
-                         "GPTQ_CALIB_BATCHES SIZE_LIMIT_BYTES BIGRAM_DIM VE_DIM ROPE_BASE LOGIT_SOFTCAP "
-                         "GPTQ_TEMPERATURE GPTQ_DAMP"),
+        rules = {"> 0": (lambda v: v > 0, "VOCAB_SIZE ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN GRAD_ACCUM_STEPS "
+                         "WORLD_SIZE LOCAL_WORLD_SIZE NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT "
+                         "TRAIN_LOG_EVERY EVAL_SEQ_LEN EVAL_STRIDE EVAL_BATCH SLOT_BATCH MUON_BACKEND_STEPS SWA_EVERY "
+                         "GPTQ_BLOCK ADAM_EPS GPTQ_CALIB_BATCHES SIZE_LIMIT_BYTES BIGRAM_DIM VE_DIM ROPE_BASE "
+                         "LOGIT_SOFTCAP GPTQ_TEMPERATURE GPTQ_DAMP"),
                  ">= 0": (lambda v: v >= 0, "WARMUP_STEPS WARMDOWN_ITERS MAX_WALLCLOCK_SECONDS VAL_LOSS_EVERY "
                           "VAL_TOKENS ROPE_DIMS XSA_LAST_N BIGRAM_VOCAB_SIZE TIED_EMBED_LR HEAD_LR MATRIX_LR "
                           "SCALAR_LR MUON_WD MUON_MOMENTUM_WARMUP_STEPS ADAM_WD GRAD_CLIP_NORM GPTQ_RESERVE_SECONDS "
-                          "TARGET_BYTES SLOT_STEPS SLOT_LR SLOT_LR_MIN TIED_EMBED_INIT_STD MLP_LEAKY_SLOPE SEED RANK LOCAL_RANK"),
+                          "TARGET_BYTES SLOT_STEPS SLOT_LR SLOT_LR_MIN TIED_EMBED_INIT_STD MLP_LEAKY_SLOPE SEED RANK "
+                          "LOCAL_RANK"),
                  "in [0, 1)": (lambda v: 0 <= v < 1, "MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 EMA_DECAY"),
                  "in [0, 1]": (lambda v: 0 <= v <= 1, "SWA_LR_THRESHOLD LATE_QAT_THRESHOLD"),
                  "<= 1024": (lambda v: v <= 1024, "NUM_LAYERS NUM_HEADS MLP_MULT MUON_BACKEND_STEPS"),
@@ -239,9 +230,8 @@ class Settings:
         lo, hi = max(self.sweep_slot_lr_min or [self.slot_lr_min]), min(self.sweep_slot_lr or [self.slot_lr])
         need(lo <= hi, "SWEEP_SLOT_LR_MIN", f"a final lr {lo} exceeds the grid's smallest first lr {hi} (SLOT_LR "
              "or SWEEP_SLOT_LR)", "keep every SWEEP_SLOT_LR_MIN (or SLOT_LR_MIN) <= every SWEEP_SLOT_LR (or SLOT_LR)")
-        need(self.rank < self.world_size and self.local_rank < self.local_world_size <= self.world_size, "RANK",
-             f"RANK={self.rank}, LOCAL_RANK={self.local_rank}, LOCAL_WORLD_SIZE={self.local_world_size} do not fit "
-             f"WORLD_SIZE={self.world_size}", "launch with torchrun, or unset these for one process")
+        need(max(self.rank, self.local_rank) < self.world_size, "RANK", f"RANK and LOCAL_RANK={self.local_rank} must be"
+             f" below WORLD_SIZE={self.world_size}", "launch with torchrun, or unset them for one process")
         for name, ok in choices.items():
             value = getattr(self, name.lower())
             need(all(v in ok for v in (value if isinstance(value, list) else [value])), name,
@@ -300,11 +290,9 @@ def shard_token_count(path):
         raise ConfigError(f"shard {path}: bad header ({got}; expected magic {SHARD_MAGIC} version {SHARD_VERSION}); "
                           "fix: re-download it with `bash run.sh data`")
     expected = HEADER_INTS * 4 + 2 * int(header[2])
-    if size != expected:
-        raise ConfigError(f"shard {path}: header declares {int(header[2])} tokens ({expected} bytes) but the file has "
-                          f"{size} bytes (truncated or corrupt); fix: re-download it with `bash run.sh data`")
-    if header[2] <= 0:
-        raise ConfigError(f"shard {path} holds no tokens; fix: remove it or re-download with `bash run.sh data`")
+    if size != expected or header[2] == 0:
+        raise ConfigError(f"shard {path}: header declares {int(header[2])} tokens ({expected} bytes) and the file has "
+                          f"{size} bytes (truncated, corrupt or empty); fix: re-download it with `bash run.sh data`")
     return int(header[2])
 
 def load_shard(path, vocab_size):
@@ -1240,23 +1228,11 @@ HEADER_FIELDS = dict(label=str, codec=str, config=dict, entries=list, raw_bytes=
                      payload_bytes=int, payload_sha256=str)
 ENTRY_FIELDS = dict(key=str, kind=str, shape=list, offset=int, nbytes=int)
 
-def artifact_layout(header):
-    """key -> (kind, shape) of the entries an artifact with this config and label holds (prequant: all fp32)."""
-    out = {}
-    for name, shape in model_shapes(Settings.from_arch(header["config"]).arch()).items():
-        kind = "fp32" if header["label"] == "prequant" else quant_kind(name, torch.empty(shape, device="meta"))
-        if kind in INT_KINDS:
-            out[name + "#q"], out[name + "#scale"] = (kind, shape), ("fp16", shape[:1])
-        else:
-            out[name] = (kind, shape)
-    return out
-
 def read_artifact(path, check_model=True):
-    """Returns (header, arrays). Before anything large is read or allocated: the prefix, the header (length capped,
-    checksum, field types), the entry list (contiguous, nbytes = shape x item size, integer kinds first) and, with
-    check_model, the config (by the Settings rules) and the entries against its model's tensors; then the file size
-    against payload_bytes. Every decoder stops past the declared raw size. Never unpickles; any damage is one
-    ArtifactError line naming the file. check_model=False reads any tensor list (the format's own tests)."""
+    """Returns (header, arrays). Before anything large is read or allocated it checks the prefix, the header (length
+    capped, checksum, types), the entries (contiguous, nbytes = shape x item size), with check_model the config (by
+    the Settings rules) and the entries against its model (check_model=False: any tensors, the format's own tests),
+    and the file size. Decoders stop past the declared raw size. Never unpickles; any damage is one ArtifactError."""
     def bad(why):
         return ArtifactError(f"artifact {path}: {why}; fix: re-export it or point ARTIFACT at an intact file")
     if not Path(path).is_file():  # before open(): a FIFO would block
@@ -1267,10 +1243,8 @@ def read_artifact(path, check_model=True):
             if len(prefix) < ART_PREFIX.size:
                 raise bad(f"only {size} bytes, shorter than the {ART_PREFIX.size}-byte prefix (truncated)")
             magic, version, hlen, hsha = ART_PREFIX.unpack(prefix)
-            if magic != ART_MAGIC:
-                raise bad(f"wrong magic {magic!r} (expected {ART_MAGIC!r}): not a train_gpt.py artifact")
-            if version != ART_VERSION:
-                raise bad(f"format version {version}, this script reads version {ART_VERSION}")
+            if magic != ART_MAGIC or version != ART_VERSION:
+                raise bad(f"magic {magic!r} version {version}: not a train_gpt.py artifact (magic {ART_MAGIC!r})")
             if hlen > min(ART_HEADER_MAX, size - ART_PREFIX.size):
                 raise bad(f"header length {hlen} exceeds the file or the {ART_HEADER_MAX}-byte cap (truncated?)")
             header_bytes = f.read(hlen)
@@ -1288,20 +1262,22 @@ def read_artifact(path, check_model=True):
                         or e["kind"] in INT_KINDS and i and entries[i - 1]["kind"] not in INT_KINDS):
                     raise bad(f"entry {i} is malformed, out of order or not contiguous ({str(e)[:100]})")
                 off += e["nbytes"]
-            if off != header["raw_bytes"] or off > 4 * MAX_PARAMS or len({e["key"] for e in entries}) != len(entries):
+            if off != header["raw_bytes"] or off > 4 * MAX_PARAMS or len({e["key"] for e in entries}) < len(entries):
                 raise bad(f"entries sum to {off} bytes, header says raw_bytes {header['raw_bytes']} (or keys repeat)")
             if check_model:
-                try:
-                    want = artifact_layout(header)
-                except ConfigError as e:
-                    raise bad(f"its model config is invalid: {str(e).split('; fix:')[0]}") from None
+                header["config"] = Settings.from_arch(header["config"]).arch()  # checked, and typed for GPT()
+                want = {}  # key -> (kind, shape) as quantize_state (or the prequant export: all fp32) writes them
+                for name, sh in model_shapes(header["config"]).items():
+                    kind = "fp32" if header["label"] == "prequant" else quant_kind(name, torch.empty(sh, device="meta"))
+                    want.update({name + "#q": (kind, sh), name + "#scale": ("fp16", sh[:1])} if kind in INT_KINDS
+                                else {name: (kind, sh)})
                 got = {e["key"]: (e["kind"], tuple(e["shape"])) for e in entries}
                 if got != want:
                     k = min(set(got.items()) ^ set(want.items()))[0]
                     raise bad(f"tensor {k} is {got.get(k)} (kind, shape) but its config's model needs {want.get(k)}")
             if size != ART_PREFIX.size + hlen + header["payload_bytes"]:
-                raise bad(f"file is {size} bytes, its header declares {ART_PREFIX.size + hlen + header['payload_bytes']}"
-                          " (truncated or padded)")
+                raise bad(f"file is {size} bytes, its header declares {hlen} + {header['payload_bytes']} after the "
+                          "prefix (truncated or padded)")
             payload = f.read()
         if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
             raise bad("payload checksum mismatch (corrupt)")
@@ -1315,7 +1291,8 @@ def read_artifact(path, check_model=True):
     except ArtifactError:
         raise
     except Exception as e:  # checksums are no signature: an edited file with fresh sums must still fail cleanly
-        raise bad(f"unreadable header or payload ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+        why = (str(e).splitlines() or [""])[0].split("; fix:")[0]  # a ConfigError: a bad setting in its config
+        raise bad(f"invalid header, config or payload ({type(e).__name__}: {why})") from None
 
 def export(a, ctx, state, hessians, code_bytes):
     """Quantises, measures every codec, keeps the smallest bit-exact one, prunes to TARGET_BYTES, writes ARTIFACT.
@@ -1493,19 +1470,16 @@ def error_text(e):
 def write_atomic(path, data):
     """Writes bytes, or a dict as strict JSON, under a temporary name in the same folder, then renames: a crash,
     Ctrl-C or full disk never leaves a partial file under `path`."""
-    path = Path(path)
     if isinstance(data, dict):
         try:
             data = (json.dumps(data, indent=2, allow_nan=False) + "\n").encode()
         except ValueError:
             raise ConfigError(f"{path}: a result is NaN or infinite (the model diverged); fix: lower the learning "
                               "rates or check the data") from None
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
     try:
         with open(tmp, "xb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -1527,13 +1501,10 @@ def open_run(a, ctx, code_bytes):
                           f"run never replaces another's files; fix: pick another RUN_ID (or ARTIFACT), or delete "
                           f"{base}.* to reuse it on purpose")
     if not a.eval_only and 0 < a.target_bytes <= code_bytes:
-        raise ConfigError(f"TARGET_BYTES={a.target_bytes}: the code alone is {code_bytes} bytes, no room for the model; "
-                          "fix: raise TARGET_BYTES (the record uses 16000000) or set 0 (no pruning)")
+        raise ConfigError(f"TARGET_BYTES={a.target_bytes}: the code alone is {code_bytes} bytes, no room for the "
+                          "model; fix: raise TARGET_BYTES (the record uses 16000000) or set 0 (no pruning)")
     ctx.log_file = open(f"{base}.txt", "x", encoding="utf-8")  # "x": two runs racing for one RUN_ID cannot share it
     return run_id
-
-def interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM stops the run the way Ctrl-C does: one error line, written files intact
 
 def model_from(config, state, ctx, compile_eval):
     model = GPT(config).to(ctx.device)
@@ -1654,7 +1625,7 @@ def write_submission(a, ctx, run_id, results, code_bytes, model_bytes, header, s
 def main():
     code_bytes = len(Path(__file__).read_bytes())
     rank0, status, ctx = os.environ.get("RANK", "0") == "0", 0, None
-    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops a run as Ctrl-C does
     try:
         a = Settings()
         typos = warn_env_typos()
