@@ -113,15 +113,13 @@ ARCH_KEYS = ["VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS
              "TIE_EMBEDDINGS", "TIED_EMBED_INIT_STD"]
 KIND_TEXT = {"int": "an integer", "float": "a number", "bool": "0 or 1", "ints": "comma-separated integers",
              "floats": "comma-separated numbers", "strs": "comma-separated words", "str": "a string"}
-
 MAX_PARAMS = 1 << 30  # 4 GiB of fp32 weights: far above the record model (27M), far below a memory bomb
 TORCHRUN = (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"))  # checked as ints
 
 class ConfigError(Exception):
     """A bad setting or input file; main() prints it as one line and exits 2."""
 
-def esc(s):
-    """An untrusted string made printable on one line: control characters (newline, ESC) become escapes."""
+def esc(s):  # an untrusted string printed on one line: control characters (newline, ESC) become escapes
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(s))
 
 def _parse(name, raw, default, kind):
@@ -157,8 +155,7 @@ class Settings:
     def from_arch(cls, config):
         """Settings of a model config (an artifact's), parsed and checked as if it came from the environment."""
         if sorted(config) != sorted(ARCH_KEYS):
-            raise ConfigError(f"config keys missing: {sorted(set(ARCH_KEYS) - set(config))}, unknown: "
-                              f"{sorted(set(config) - set(ARCH_KEYS))}")
+            raise ConfigError(f"config keys missing or unknown: {sorted(set(config) ^ set(ARCH_KEYS))}")
         return cls({k: ",".join(map(str, v)) if isinstance(v, list) else str(int(v) if isinstance(v, bool) else v)
                     for k, v in config.items()})
 
@@ -228,8 +225,7 @@ class Settings:
         need(self.slot_lr_min <= self.slot_lr, "SLOT_LR_MIN", f"exceeds SLOT_LR={self.slot_lr}",
              "set SLOT_LR_MIN <= SLOT_LR")
         lo, hi = max(self.sweep_slot_lr_min or [self.slot_lr_min]), min(self.sweep_slot_lr or [self.slot_lr])
-        need(lo <= hi, "SWEEP_SLOT_LR_MIN", f"a final lr {lo} exceeds the grid's smallest first lr {hi} (SLOT_LR "
-             "or SWEEP_SLOT_LR)", "keep every SWEEP_SLOT_LR_MIN (or SLOT_LR_MIN) <= every SWEEP_SLOT_LR (or SLOT_LR)")
+        need(lo <= hi, "SWEEP_SLOT_LR_MIN", f"{lo} exceeds the grid's lr {hi}", "keep it <= SWEEP_SLOT_LR (or SLOT_LR)")
         need(max(self.rank, self.local_rank) < self.world_size, "RANK", f"RANK and LOCAL_RANK={self.local_rank} must be"
              f" below WORLD_SIZE={self.world_size}", "launch with torchrun, or unset them for one process")
         for name, ok in choices.items():
@@ -249,20 +245,17 @@ class Settings:
         need(not self.eval_only or (self.artifact and Path(self.artifact).is_file()), "ARTIFACT",
              "EVAL_ONLY=1 needs an existing artifact file", "set ARTIFACT=<path of a .pgz written by a run>")
         n = param_count(self.arch())
-        need(n <= MAX_PARAMS, "MODEL_DIM", f"with NUM_LAYERS={L}, MLP_MULT={self.mlp_mult}, VOCAB_SIZE="
-             f"{self.vocab_size} and the embeddings the model has {n:,} parameters, over the {MAX_PARAMS:,} cap",
-             "shrink MODEL_DIM, NUM_LAYERS, MLP_MULT or the vocabularies")
+        need(n <= MAX_PARAMS, "MODEL_DIM", f"with NUM_LAYERS={L} and the rest the model has {n:,} parameters, over "
+             f"the {MAX_PARAMS:,} cap", "shrink MODEL_DIM, NUM_LAYERS, MLP_MULT or the vocabularies")
 
 def param_count(c):
-    """Parameters of GPT(c) by formula, so that Settings can cap the size before anything is built (a test checks
-    it against the model; meta-device ops would cost seconds of imports)."""
-    V, d, L, m, h = c["VOCAB_SIZE"], c["MODEL_DIM"], c["NUM_LAYERS"], c["MLP_MULT"], c["NUM_HEADS"]
-    kv = c["NUM_KV_HEADS"] * (d // h)
-    n_enc = L // 2 if c["UNET_SKIPS"] else 0
-    return (V * d * (1 if c["TIE_EMBEDDINGS"] else 2) + L * (2 * d * d + 2 * d * kv + h + 2 * m * d * d + 4 * d)
-            + min(n_enc, L - n_enc) * d * (2 if c["SKIP_GATED"] else 1) + (d if c["SMEAR_ENABLED"] else 0)
-            + (c["BIGRAM_VOCAB_SIZE"] * c["BIGRAM_DIM"] + c["BIGRAM_DIM"] * d + 1 if c["BIGRAM_VOCAB_SIZE"] else 0)
-            + (V * c["VE_DIM"] + c["VE_DIM"] * kv + 1 + len(c["VE_LAYERS"]) if c["VE_ENABLED"] else 0))
+    """Parameters of GPT(c) by formula (a test checks it), to cap the size before anything is built."""
+    V, d, L, h, bv, bd, vd = (c[k] for k in ("VOCAB_SIZE", "MODEL_DIM", "NUM_LAYERS", "NUM_HEADS", "BIGRAM_VOCAB_SIZE",
+                                             "BIGRAM_DIM", "VE_DIM"))
+    kv, enc = c["NUM_KV_HEADS"] * (d // h), L // 2 if c["UNET_SKIPS"] else 0
+    return (V * d * (2 - c["TIE_EMBEDDINGS"]) + L * (2 * d * d + 2 * d * kv + h + 2 * c["MLP_MULT"] * d * d + 4 * d)
+            + min(enc, L - enc) * d * (1 + c["SKIP_GATED"]) + d * c["SMEAR_ENABLED"] + (bv * bd + bd * d + 1) * (bv > 0)
+            + (V * vd + vd * kv + 1 + len(c["VE_LAYERS"])) * c["VE_ENABLED"])
 
 def warn_env_typos(env=None):
     """A warning for each env var that nearly matches a setting without being one (SLOT_STPES), naming the closest."""
@@ -281,8 +274,7 @@ BOS_ID = 1
 def shard_token_count(path):
     """Checks a shard's header against its size; returns its token count."""
     if not os.path.isfile(path):  # checked first: opening a FIFO would block
-        raise ConfigError(f"shard {path} is not a regular file (a folder, FIFO, device or dangling link); fix: "
-                          "remove it from DATA_PATH and re-download with `bash run.sh data`")
+        raise ConfigError(f"shard {path} is not a regular file (folder, FIFO, dangling link...); fix: remove it")
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header.size < HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
@@ -296,7 +288,6 @@ def shard_token_count(path):
     return int(header[2])
 
 def load_shard(path, vocab_size):
-    """A shard's tokens, checked against the vocabulary (an id past it would fail deep inside the embedding)."""
     tokens = np.fromfile(path, dtype="<u2", offset=HEADER_INTS * 4)
     if tokens.max(initial=0) >= vocab_size:
         raise ConfigError(f"shard {path} holds token id {tokens.max()} >= VOCAB_SIZE={vocab_size}; fix: use "
@@ -349,8 +340,7 @@ def load_tokenizer(path, vocab_size):
     try:
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except (RuntimeError, OSError) as e:
-        raise ConfigError(f"TOKENIZER_PATH={path!r} is not a readable SentencePiece model ({e}); fix: "
-                          "point it at the .model file `bash run.sh data` downloads") from None
+        raise ConfigError(f"TOKENIZER_PATH={path!r} is not a SentencePiece model ({e}); fix: use its .model") from None
     if sp.vocab_size() != vocab_size:
         raise ConfigError(f"TOKENIZER_PATH={path!r} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; "
                           "fix: set VOCAB_SIZE to the tokenizer's size or use the matching tokenizer")
@@ -557,8 +547,7 @@ class GPT(nn.Module):
         self.lm_head = None if c["TIE_EMBEDDINGS"] else CastedLinear(d, V)
         half = self.rope_dims // 2
         self.register_buffer("inv_freq", 1.0 / c["ROPE_BASE"] ** (torch.arange(half) / max(half, 1)), persistent=False)
-        if not self.tok_emb.weight.is_meta:  # a meta-device model only lists tensor shapes (model_shapes)
-            self._init_weights(c["TIED_EMBED_INIT_STD"])
+        self._init_weights(c["TIED_EMBED_INIT_STD"])
 
     @torch.no_grad()
     def _init_weights(self, emb_std):
@@ -612,11 +601,6 @@ class GPT(nn.Module):
     def forward(self, ids, targets):
         z = self.logits(self.forward_hidden(ids)).float()
         return F.cross_entropy(z.reshape(-1, z.size(-1)), targets.reshape(-1))
-
-def model_shapes(config):
-    """name -> shape of every tensor in the state dict of config's model, built on the meta device (no memory)."""
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -1090,7 +1074,7 @@ def rans_decode(blob, seg_lens):
     def take(dtype, count, what):
         nonlocal pos
         size = np.dtype(dtype).itemsize * count
-        if pos + size > len(blob):
+        if count < 0 or pos + size > len(blob):
             raise ValueError(f"rANS stream truncated in the {what}")
         pos += size
         return np.frombuffer(blob, dtype, count, pos - size)
@@ -1100,8 +1084,6 @@ def rans_decode(blob, seg_lens):
         raise ValueError(f"not a rANS stream of {n} symbols (lanes {lanes}, {n_words} words)")
     lohi = take(np.int8, 2 * n_seg, "value ranges").astype(np.int64)
     lo, widths = lohi[0::2], lohi[1::2] - lohi[0::2] + 1
-    if (widths < 0).any():
-        raise ValueError("rANS value ranges are corrupt")
     freqs = take("<u2", int(widths.sum()), "frequency tables").astype(np.int64)
     x = take("<u4", lanes, "lane states").astype(np.uint64)
     words = take("<u2", n_words, "word stream").astype(np.uint64)
@@ -1176,8 +1158,7 @@ def unpack_raw(entries, raw):
 def int_lens(entries):
     return [e["nbytes"] for e in entries if e["kind"] in INT_KINDS]
 
-def raw_len(entries):
-    """The declared decoded size: every decoder stops one byte past it, so a bomb costs no more than this."""
+def raw_len(entries):  # the declared decoded size: every decoder stops one byte past it, so a bomb costs no more
     return sum(e["nbytes"] for e in entries)
 
 def _unlzma(blob, n):
@@ -1229,10 +1210,8 @@ HEADER_FIELDS = dict(label=str, codec=str, config=dict, entries=list, raw_bytes=
 ENTRY_FIELDS = dict(key=str, kind=str, shape=list, offset=int, nbytes=int)
 
 def read_artifact(path, check_model=True):
-    """Returns (header, arrays). Before anything large is read or allocated it checks the prefix, the header (length
-    capped, checksum, types), the entries (contiguous, nbytes = shape x item size), with check_model the config (by
-    the Settings rules) and the entries against its model (check_model=False: any tensors, the format's own tests),
-    and the file size. Decoders stop past the declared raw size. Never unpickles; any damage is one ArtifactError."""
+    """(header, arrays), checked before anything large is read or allocated; never unpickles; any damage is one
+    ArtifactError. check_model=False skips the config and model checks: any tensors (the format's own tests)."""
     def bad(why):
         return ArtifactError(f"artifact {path}: {why}; fix: re-export it or point ARTIFACT at an intact file")
     if not Path(path).is_file():  # before open(): a FIFO would block
@@ -1247,8 +1226,7 @@ def read_artifact(path, check_model=True):
                 raise bad(f"magic {magic!r} version {version}: not a train_gpt.py artifact (magic {ART_MAGIC!r})")
             if hlen > min(ART_HEADER_MAX, size - ART_PREFIX.size):
                 raise bad(f"header length {hlen} exceeds the file or the {ART_HEADER_MAX}-byte cap (truncated?)")
-            header_bytes = f.read(hlen)
-            if hashlib.sha256(header_bytes).digest() != hsha:
+            if hashlib.sha256(header_bytes := f.read(hlen)).digest() != hsha:
                 raise bad("header checksum mismatch (truncated or corrupt)")
             header = json.loads(header_bytes)
             if (not isinstance(header, dict) or any(type(header.get(k)) is not t for k, t in HEADER_FIELDS.items())
@@ -1267,7 +1245,9 @@ def read_artifact(path, check_model=True):
             if check_model:
                 header["config"] = Settings.from_arch(header["config"]).arch()  # checked, and typed for GPT()
                 want = {}  # key -> (kind, shape) as quantize_state (or the prequant export: all fp32) writes them
-                for name, sh in model_shapes(header["config"]).items():
+                with torch.device("meta"):  # the model's tensor shapes, nothing allocated
+                    shapes = {k: tuple(v.shape) for k, v in GPT(header["config"]).state_dict().items()}
+                for name, sh in shapes.items():
                     kind = "fp32" if header["label"] == "prequant" else quant_kind(name, torch.empty(sh, device="meta"))
                     want.update({name + "#q": (kind, sh), name + "#scale": ("fp16", sh[:1])} if kind in INT_KINDS
                                 else {name: (kind, sh)})
@@ -1461,15 +1441,16 @@ def on_main(ctx, fn):
     return out[0]
 
 def error_text(e):
-    """The text of the one `error:` line for a ConfigError or an OSError (any file read or written), on one line."""
+    """The text of the one `error:` line for a ConfigError, an OSError (any file read or written) or an interrupt."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (Ctrl-C or SIGTERM); files already written are complete; fix: run again with a new RUN_ID"
     if isinstance(e, OSError):
         e = (f"{e.filename or 'a file'}: {e.strerror or e} ({type(e).__name__}); fix: check that path (it or its "
              "folder must exist and be readable or writable) and the free disk space")
     return esc(e)
 
 def write_atomic(path, data):
-    """Writes bytes, or a dict as strict JSON, under a temporary name in the same folder, then renames: a crash,
-    Ctrl-C or full disk never leaves a partial file under `path`."""
+    """Bytes (or a dict, as strict JSON) to a temporary name, then renamed: never a partial file under `path`."""
     if isinstance(data, dict):
         try:
             data = (json.dumps(data, indent=2, allow_nan=False) + "\n").encode()
@@ -1485,8 +1466,7 @@ def write_atomic(path, data):
         tmp.unlink(missing_ok=True)
 
 def open_run(a, ctx, code_bytes):
-    """Rank 0, before any data is read: names the run, checks its outputs (LOG_DIR a writable folder, no other run's
-    file appended to or replaced, TARGET_BYTES above the code size) and opens its log. Returns the run id."""
+    """Rank 0, before any data is read: names the run, checks its outputs and opens its log; returns the run id."""
     run_id = a.run_id or datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
     base = Path(a.log_dir) / run_id
     try:
@@ -1641,14 +1621,11 @@ def main():
                                         for n, v in ((n, getattr(a, n.lower())) for n, *_ in SETTINGS)))
         run(a, ctx, run_id, code_bytes)
     except (ConfigError, OSError, KeyboardInterrupt) as e:
-        stop = isinstance(e, KeyboardInterrupt)
-        line = "error: " + ("interrupted (Ctrl-C or SIGTERM); files already written are complete, none is half written"
-                            "; fix: run again under a new RUN_ID" if stop else error_text(e))
         if rank0:
-            print(line, file=sys.stderr, flush=True)
-        if ctx and ctx.log_file:
-            print(line, file=ctx.log_file, flush=True)
-        status = 130 if stop else 2
+            print(f"error: {error_text(e)}", file=sys.stderr, flush=True)
+        if ctx and ctx.log_file:  # a failed run's log says why
+            print(f"error: {error_text(e)}", file=ctx.log_file, flush=True)
+        status = 130 if isinstance(e, KeyboardInterrupt) else 2
     except BaseException:
         traceback.print_exc()
         status = 1
