@@ -1162,7 +1162,7 @@ def raw_len(entries):  # the declared decoded size: every decoder stops one byte
     return sum(e["nbytes"] for e in entries)
 
 def _unlzma(blob, n):
-    return lzma.LZMADecompressor(memlimit=1 << 28).decompress(blob, max_length=n + 1)  # preset 9 needs ~65 MB
+    return lzma.LZMADecompressor(memlimit=1 << 27).decompress(blob, max_length=n + 1)  # preset 9 needs 65 MB
 
 def _rans_pack(raw, entries):
     lens = int_lens(entries)
