@@ -176,11 +176,7 @@ def measure(a, ctx, files, val, train=True):
     the final weights."""
     torch._dynamo.reset()  # every measurement compiles its own graphs, under its own patches
     torch.manual_seed(0)
-    model = tg.GPT(a.arch()).to(ctx.device)
-    if ctx.device.type == "cuda":
-        for m in model.modules():
-            if isinstance(m, torch.nn.Embedding):
-                m.bfloat16()
+    model = tg.build_model(a.arch(), ctx.device)
     ms_step = None
     if train:
         steps, train_ms, _ = tg.train(a, ctx, model, files, val)
@@ -189,7 +185,8 @@ def measure(a, ctx, files, val, train=True):
     if ctx.device.type == "cuda" and a.compile:
         model.eval_hidden = torch.compile(model.forward_hidden, dynamic=False)
     L, S = a.eval_seq_len, a.eval_stride
-    slot = dict(mode="scored", delta="window", steps=a.slot_steps, lr=a.slot_lr, lr_min=a.slot_lr_min)
+    slot = dict(mode="scored", delta="window", steps=a.slot_steps, lr=a.slot_lr, lr_min=a.slot_lr_min,
+                eps=a.slot_eps, wd=a.slot_wd)
     warm = (val[0][:L * 4 + 1], val[1][:L * 4])
     tg.evaluate(ctx, model, warm, L, S, a.eval_batch)  # compile outside the timed runs
     tg.evaluate(ctx, model, warm, L, S, a.slot_batch, [slot])

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt  # noqa: E402
 
-SEEDS_SLOT = dict(delta="window", steps=16, lr=0.008, lr_min=0.0008)  # SPEC section 7, seeds 000/001
+SEEDS_SLOT = dict(delta="window", steps=16, lr=0.008, lr_min=0.0008, eps=1e-8, wd=0.01)  # SPEC section 7, seeds 000/001
 
 
 def toy_model(vocab, dim=64, layers=2, seed=0, perturb=0.0):

@@ -1,12 +1,16 @@
-"""SLOT step time: logits at the scored positions only (train_gpt.slot_fit) versus the seeds' full projection
-(logits for all seq_len positions of every window at every step, masked mean NLL).
+"""SLOT step time, side by side in one run:
+- scored mode: logits over the scored span only (train_gpt.slot_fit) versus the seeds' full projection (logits
+  for all seq_len positions of every window at every step, masked mean NLL);
+- causal mode (fit on the context, seq_len - stride positions per window): train_gpt.slot_fit's broadcast deltas
+  over [windows, positions, d] versus the gather it replaced (delta[r], bias[r] for every context row, whose
+  backward is an indexed add with ~seq_len duplicates per window).
 
     python bench/slot_speed.py            # seq 2048, stride 64, d 512, vocab 1024, 32 windows, fp32
 
-Both paths run side by side in one process on CUDA if present, else CPU; each is timed as whole SLOT fits of
-`steps` AdamW steps (warm-up first, then several repeats, median), reported per step. The last line is
-`slot_speedup: <full/scored>`. `slot_fit_full` is also the reference implementation the tests compare
-slot_fit against."""
+Each path is timed as whole SLOT fits of `steps` AdamW steps (warm-up first, then several repeats, median),
+reported per step, on CUDA if present, else CPU. The last lines are `slot_speedup: <full/scored>` and
+`causal_speedup: <gather/broadcast>`. `slot_fit_full` and `slot_fit_gather` are also the reference
+implementations the tests compare slot_fit against."""
 from __future__ import annotations
 
 import argparse, math, statistics, sys, time
@@ -34,7 +38,7 @@ def slot_fit_full(model, h, mask, y, p):
     m = mask.float()
     if p["steps"] == 0 or m.sum() == 0:
         return delta.detach().view(n, d), bias.detach().view(n, -1)
-    opt = torch.optim.AdamW([delta, bias], lr=p["lr"], weight_decay=1e-8, eps=1e-5)
+    opt = torch.optim.AdamW([delta, bias], lr=p["lr"], weight_decay=p["wd"], eps=p["eps"])
     with torch.enable_grad():
         for i in range(p["steps"]):
             opt.param_groups[0]["lr"] = p["lr_min"] + 0.5 * (p["lr"] - p["lr_min"]) * (1 + math.cos(math.pi * i / p["steps"]))
@@ -46,6 +50,38 @@ def slot_fit_full(model, h, mask, y, p):
             loss.backward()
             opt.step()
     return delta.detach().view(n, d), bias.detach().view(n, -1)
+
+
+def slot_fit_gather(model, h, mask, y, p):
+    """The previous train_gpt.slot_fit: the masked positions gathered into rows once, then delta[r] and bias[r]
+    indexed per row at every step (an indexed-add backward). Returns (delta [n, d], bias [n, V])."""
+    rows, cols = mask.nonzero(as_tuple=True)
+    n = h.size(0) if p["delta"] == "window" else 1
+    W = model.head_weight().detach().float()
+    delta = torch.zeros(n, h.size(-1), device=h.device, requires_grad=True)
+    bias = torch.zeros(n, W.size(0), device=h.device, requires_grad=True)
+    if p["steps"] == 0 or len(rows) == 0:
+        return delta.detach(), bias.detach()
+    r = rows if n > 1 else torch.zeros_like(rows)
+    hs, ys = h[rows, cols], y[rows, cols]
+    opt = torch.optim.AdamW([delta, bias], lr=p["lr"], weight_decay=p["wd"], eps=p["eps"])
+    with torch.enable_grad():
+        for i in range(p["steps"]):
+            opt.param_groups[0]["lr"] = p["lr_min"] + 0.5 * (p["lr"] - p["lr_min"]) * (1 + math.cos(math.pi * i / p["steps"]))
+            z = (hs + delta[r]) @ W.T + bias[r]
+            z = model.softcap * torch.tanh(z / model.softcap)
+            loss = F.cross_entropy(z, ys)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return delta.detach(), bias.detach()
+
+
+def context_mask(mask, stride):
+    """The causal fit's mask: every position before the scored tail (all windows here have scored context)."""
+    ctx = torch.zeros_like(mask)
+    ctx[:, :mask.size(1) - stride] = True
+    return ctx
 
 
 def scored_nll(model, h, mask, y, delta, bias):
@@ -103,7 +139,7 @@ def main():
     steps = args.steps or (16 if device.type == "cuda" else 2)
     repeats = args.repeats or (10 if device.type == "cuda" else 3)
     model, h, mask, y = make_problem(args.batch, args.seq_len, args.stride, args.dim, args.vocab, device)
-    p = dict(mode="scored", delta="window", steps=steps, lr=0.008, lr_min=0.0008)
+    p = dict(mode="scored", delta="window", steps=steps, lr=0.008, lr_min=0.0008, eps=1e-8, wd=0.01)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {device} ({where}) torch {torch.__version__}")
     print(f"problem: {args.batch} windows x seq {args.seq_len}, stride {args.stride} ({int(mask.sum())} scored "
@@ -116,7 +152,18 @@ def main():
     diff = max((d1 - d2).abs().max().item(), (b1 - b2).abs().max().item())
     print(f"equivalence after {steps} steps: max|delta,bias diff| {diff:.2e}, "
           f"max|scored nll diff| {(n1 - n2).abs().max().item():.2e}")
+    cmask = context_mask(mask, args.stride)
+    t_bcast, (d3, b3) = time_fit(train_gpt.slot_fit, model, h, cmask, y, dict(p, mode="causal"), repeats, device)
+    t_gather, (d4, b4) = time_fit(slot_fit_gather, model, h, cmask, y, dict(p, mode="causal"), repeats, device)
+    print(f"causal step, broadcast deltas (train_gpt.slot_fit): {t_bcast * 1000:.2f} ms "
+          f"({int(cmask.sum())} context positions)")
+    print(f"causal step, per-row gather (previous code):       {t_gather * 1000:.2f} ms")
+    n3, n4 = scored_nll(model, h, mask, y, d3, b3), scored_nll(model, h, mask, y, d4, b4)
+    diff = max((d3 - d4).abs().max().item(), (b3 - b4).abs().max().item())
+    print(f"causal equivalence after {steps} steps: max|delta,bias diff| {diff:.2e}, "
+          f"max|scored nll diff| {(n3 - n4).abs().max().item():.2e}")
     print(f"slot_speedup: {t_full / t_scored:.2f}")
+    print(f"causal_speedup: {t_gather / t_bcast:.2f}")
 
 
 if __name__ == "__main__":

@@ -447,7 +447,7 @@ def test_prune_ones_lowest_cost_first(need):
     before = {k: a.copy() for k, _, a in tensors}
     target = nonzeros(tensors) - need
     log = []
-    out = tg.prune_ones(tensors, hdiag, nonzeros, target, log.append)
+    out = tg.prune_ones(tensors, hdiag, nonzeros, nonzeros, target, log.append)
     assert nonzeros(out) <= target
     assert [(k, kind) for k, kind, _ in out] == [(k, kind) for k, kind, _ in tensors]
     assert all(np.array_equal(a, before[k]) for k, _, a in tensors)  # inputs untouched
@@ -473,7 +473,26 @@ def test_prune_ones_lowest_cost_first(need):
 def test_prune_ones_impossible_target():
     tensors, hdiag = synthetic_int6()
     with pytest.raises(tg.ConfigError, match="TARGET_BYTES"):
-        tg.prune_ones(tensors, hdiag, nonzeros, 10, lambda m: None)
+        tg.prune_ones(tensors, hdiag, nonzeros, nonzeros, 10, lambda m: None)
+
+
+@pytest.mark.parametrize("bias", [-40, -3, 0, 25, 10**6])
+def test_prune_ones_bounded_confirm_calls(bias):
+    """The search sizes candidates with a cheap estimate that is off by `bias` (a faster codec) and calls the
+    chosen codec at most tries + 1 times; the result always fits the chosen codec's size. A usable estimate lands
+    within the search tolerance of the exact answer; a useless one (10**6) falls back to a size known to fit."""
+    tensors, hdiag = synthetic_int6()
+    target = nonzeros(tensors) - 60
+    calls = []
+
+    def confirm(ts):
+        calls.append(1)
+        return nonzeros(ts)
+    out = tg.prune_ones(tensors, hdiag, lambda ts: nonzeros(ts) + bias, confirm, target, lambda m: None, tries=4)
+    assert nonzeros(out) <= target and len(calls) <= 5
+    exact = nonzeros(tg.prune_ones(tensors, hdiag, nonzeros, nonzeros, target, lambda m: None))
+    if abs(bias) < 100:
+        assert nonzeros(out) >= exact - 1
 
 
 SIZE_ENV = {"SLOT_ENABLED": "0", "SLIDING_ENABLED": "0", "RUN_ID": "size"}
@@ -619,7 +638,7 @@ def test_evaluate_equals_brute_force(sharp_model, T, L, S, batch):
 # ----------------------------------------------------------------------------- 6. causality
 
 
-CAUSAL = dict(mode="causal", delta="window", steps=8, lr=0.05, lr_min=0.005)
+CAUSAL = dict(mode="causal", delta="window", steps=8, lr=0.05, lr_min=0.005, eps=1e-8, wd=0.01)
 SCORED = dict(CAUSAL, mode="scored")
 
 
@@ -700,7 +719,7 @@ def slot_problem(mask_kind, seed=0, b=6, L=64, S=16, d=32, V=128):
 @pytest.mark.parametrize("mask_kind", ["scored", "context", "random"])
 def test_slot_fit_equals_full_projection(delta, mask_kind):
     model, h, mask, y = slot_problem(mask_kind)
-    p = dict(mode="scored", delta=delta, steps=10, lr=0.05, lr_min=0.005)
+    p = dict(mode="scored", delta=delta, steps=10, lr=0.05, lr_min=0.005, eps=1e-8, wd=0.01)
     d1, b1 = tg.slot_fit(model, h, mask, y, p)
     d2, b2 = slot_speed.slot_fit_full(model, h, mask, y, p)
     assert d1.shape == d2.shape and b1.shape == b2.shape
@@ -717,7 +736,7 @@ def test_slot_fit_equals_full_projection(delta, mask_kind):
 
 def test_slot_fit_trivial_cases():
     model, h, mask, y = slot_problem("scored")
-    p = dict(mode="scored", delta="window", steps=0, lr=0.05, lr_min=0.005)
+    p = dict(mode="scored", delta="window", steps=0, lr=0.05, lr_min=0.005, eps=1e-8, wd=0.01)
     for m, steps in [(mask, 0), (torch.zeros_like(mask), 5)]:
         d, b = tg.slot_fit(model, h, m, y, dict(p, steps=steps))
         assert d.shape == (h.size(0), h.size(-1)) and b.shape == (h.size(0), 128)

@@ -103,10 +103,12 @@ def test_settings_class(case):
 
 @pytest.mark.parametrize("extra", [{}, {"TIE_EMBEDDINGS": "0", "SKIP_GATED": "1", "SMEAR_ENABLED": "0"},
                                    {"UNET_SKIPS": "0", "BIGRAM_VOCAB_SIZE": "0", "VE_ENABLED": "0", "NUM_LAYERS": "3",
-                                    "XSA_LAST_N": "1"}])
-def test_param_count_matches_the_model(extra):
+                                    "XSA_LAST_N": "1"},
+                                   {"TRAIN_SEQ_LEN": "100", "TRAIN_BATCH_TOKENS": "1600", "GRAD_ACCUM_STEPS": "2"}])
+def test_param_count_matches_the_model_and_configs_round_trip(extra):
     c = tg.Settings({"MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "ROPE_DIMS": "8", **extra}).arch()
     assert tg.param_count(c) == sum(p.numel() for p in tg.GPT(c).parameters())
+    assert tg.Settings.from_arch(json.loads(json.dumps(c))).arch() == c  # what an artifact's header holds
 
 
 # ----------------------------------------------------------------------------- 2. data
