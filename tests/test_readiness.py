@@ -42,7 +42,7 @@ def settings(**kw):
 @pytest.fixture(scope="module")
 def shards(toy_env):
     files = tg.find_shards(toy_env["DATA_PATH"], "train")
-    tokens = np.concatenate([tg.load_shard(f) for f in tg.find_shards(toy_env["DATA_PATH"], "val")])[:2049]
+    tokens = np.concatenate([tg.load_shard(f, 1024) for f in tg.find_shards(toy_env["DATA_PATH"], "val")])[:2049]
     return files, (tokens, np.ones(len(tokens) - 1))
 
 
@@ -75,7 +75,7 @@ def test_capped_run_ends_inside_the_cap(shards):
 
 def test_nan_loss_stops_training_with_one_error(shards):
     with pytest.raises(tg.ConfigError, match=r"training loss is nan at step \d+; fix: lower MATRIX_LR"):
-        train(settings(ITERATIONS=10, TIED_EMBED_LR=1e30, SCALAR_LR=1e30, MATRIX_LR=1e30, GRAD_CLIP_NORM=0,
+        train(settings(ITERATIONS=10, TIED_EMBED_LR=1e6, SCALAR_LR=1e6, MATRIX_LR=1e6, GRAD_CLIP_NORM=0,
                        WARMUP_STEPS=0, TRAIN_LOG_EVERY=1), shards)
 
 
