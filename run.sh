@@ -1,20 +1,66 @@
 #!/usr/bin/env bash
-# Entry points: smoke | record [SEED] | eval ARTIFACT | sweep ARTIFACT | data [N] | test | bench [--ablate ...]
+# Entry points: smoke | record [SEED] | rehearse [SEED] | eval ARTIFACT | sweep ARTIFACT | data [N] | test | bench
 set -euo pipefail
 cd "$(dirname "$0")"
 
-ensure_deps() {  # a fresh machine: install what requirements.txt names, once
-  python -c "import torch, numpy, sentencepiece, pytest" 2>/dev/null || python -m pip install -q -r requirements.txt
+ensure_deps() {  # a fresh machine: install what requirements.txt names, once; an installed torch >= 2.11 stays
+  local pin=()
+  python -c "import torch" 2>/dev/null || pin=(torch==2.13.0)  # the version CI tests (as .ci/run)
+  python -c "import torch, numpy, sentencepiece, pytest" 2>/dev/null || python -m pip install -q "${pin[@]}" \
+    -r requirements.txt
 }
 
-launch() {  # torchrun on every local GPU; plain python on a CPU-only machine
+gpus() { python -c "import torch; print(torch.cuda.device_count())"; }
+
+launch() {  # torchrun on every local GPU; plain python on a CPU-only machine; arguments prefix the command
   local n
-  n=$(python -c "import torch; print(torch.cuda.device_count())")
+  n=$(gpus)
   if [ "$n" -gt 0 ]; then
-    torchrun --standalone --nproc_per_node="$n" train_gpt.py
+    "$@" torchrun --standalone --nproc_per_node="$n" train_gpt.py
   else
-    python train_gpt.py
+    "$@" python train_gpt.py
   fi
+}
+
+preflight() {  # every phase of the run at toy size, same launcher and settings otherwise, before paying for it
+  local run=$1 dir=${LOG_DIR:-logs}/preflight world rc=0 why start=$SECONDS
+  case "${PREFLIGHT:-1}" in
+    0) return 0 ;;
+    1) ;;
+    *) echo "error: PREFLIGHT=${PREFLIGHT} is not 0 or 1; fix: unset it (preflight on) or set PREFLIGHT=0 to skip" >&2
+       exit 2 ;;
+  esac
+  world=$(gpus)
+  world=$((world > 0 ? world : 1))
+  local out=$dir/${run}_preflight.out
+  mkdir -p "$dir"
+  rm -f "$dir/${run}_preflight".*
+  echo "preflight: every phase at toy size on $world process(es) before the real run; output in $out"
+  # 8 steps with warm-down over all 8: late QAT switches on at the last one; the cap's stop flag runs each step.
+  # Data and every setting not named here are the real run's; the artifact and logs go to their own folder.
+  launch env LOG_DIR="$dir" RUN_ID="${run}_preflight" ARTIFACT= EVAL_ONLY=0 MODEL_DIM=64 NUM_HEADS=4 \
+    NUM_KV_HEADS=2 ROPE_DIMS=8 BIGRAM_VOCAB_SIZE=512 BIGRAM_DIM=32 VE_DIM=32 TRAIN_SEQ_LEN=128 \
+    TRAIN_BATCH_TOKENS=$((world * 1024)) GRAD_ACCUM_STEPS=1 ITERATIONS=8 WARMUP_STEPS=2 WARMDOWN_ITERS=8 \
+    WARMDOWN_FRAC=0 MAX_WALLCLOCK_SECONDS=120 GPTQ_RESERVE_SECONDS=1 VAL_LOSS_EVERY=4 TRAIN_LOG_EVERY=4 SWA_EVERY=2 \
+    EVAL_SEQ_LEN=128 EVAL_STRIDE=32 VAL_TOKENS=16384 SLOT_STEPS=2 GPTQ_CALIB_BATCHES="$world" \
+    timeout "${PREFLIGHT_TIMEOUT:-300}" >"$out" 2>&1 || rc=$?
+  if [ "$rc" -eq 0 ]; then
+    echo "preflight: passed in $((SECONDS - start))s (log $dir/${run}_preflight.txt)"
+    return 0
+  fi
+  why=$(grep -h '^error: ' "$out" | tail -n 1 | sed 's/^error: //' || true)
+  if [ "$rc" -eq 124 ]; then
+    why="it did not finish within ${PREFLIGHT_TIMEOUT:-300}s; fix: see where $out stops (compile, NCCL, data)"
+  elif [ -z "$why" ]; then
+    why="exit status $rc; fix: read the traceback in $out"
+  fi
+  echo "error: preflight failed, the real run was not started: $why (output: $out; PREFLIGHT=0 skips the check)" >&2
+  exit 2
+}
+
+record_run() {  # preflight, then the real run: SEED and RUN_ID from the arguments
+  preflight "$2"
+  SEED=$1 RUN_ID=$2 launch
 }
 
 toy_defaults() {  # the record architecture at toy size on the embedded corpus; any of these can be overridden
@@ -44,8 +90,22 @@ case "$cmd" in
     RUN_ID=${run}_causal EVAL_ONLY=1 ARTIFACT=${LOG_DIR:-logs}/$run.int6.pgz SLOT_MODE=causal SLIDING_ENABLED=0 \
       python train_gpt.py
     ;;
-  record)  # the record configuration on all local GPUs
-    SEED=${1:-${SEED:-1337}} RUN_ID=${RUN_ID:-record_seed${1:-${SEED:-1337}}} launch
+  record)  # the record configuration on all local GPUs, after a preflight (PREFLIGHT=0 skips it)
+    seed=${1:-${SEED:-1337}}
+    record_run "$seed" "${RUN_ID:-record_seed$seed}"
+    ;;
+  rehearse)  # the record configuration on the GPUs present, capped to end within 10 minutes on one H100 (README)
+    if [ -z "${DATA_PATH:-}" ] && [ ! -f data/datasets/fineweb10B_sp1024/fineweb_val_000000.bin ]; then
+      python data/build_corpus.py --site-packages  # offline: every installed package's docstrings and prose
+      DATA_PATH=./data/datasets/sitepkg_sp1024 TOKENIZER_PATH=./data/tokenizers/sitepkg_1024_bpe.model
+    fi
+    n=$(gpus)
+    # 210 s of training, 1M val tokens: the README's budget. GPTQ self-generates 8 sequences per GPU, as on 8 GPUs.
+    : "${MAX_WALLCLOCK_SECONDS:=210}" "${WARMDOWN_FRAC:=0.67}" "${VAL_TOKENS:=1000000}" "${TRAIN_LOG_EVERY:=25}"
+    : "${GPTQ_CALIB_BATCHES:=$((8 * (n > 0 ? n : 1)))}"
+    export DATA_PATH TOKENIZER_PATH MAX_WALLCLOCK_SECONDS WARMDOWN_FRAC VAL_TOKENS TRAIN_LOG_EVERY GPTQ_CALIB_BATCHES
+    seed=${1:-${SEED:-1337}}
+    record_run "$seed" "${RUN_ID:-rehearse_seed$seed}"
     ;;
   eval)  # eval-only from a saved artifact (DATA_PATH/TOKENIZER_PATH as for training)
     [ $# -ge 1 ] || { echo "error: usage: run.sh eval ARTIFACT; fix: pass the .pgz path a run logged" >&2; exit 2; }
@@ -68,8 +128,8 @@ case "$cmd" in
     python bench/bench.py "$@"
     ;;
   *)
-    echo "usage: bash run.sh smoke | record [SEED] | eval ARTIFACT | sweep ARTIFACT | data [N] | test" \
-      "| bench [--ablate ...]" >&2
+    echo "usage: bash run.sh smoke | record [SEED] | rehearse [SEED] | eval ARTIFACT | sweep ARTIFACT | data [N]" \
+      "| test | bench [--ablate ...]" >&2
     exit 2
     ;;
 esac

@@ -28,6 +28,7 @@ SETTINGS = [
     ("ITERATIONS", 20000, "int", "maximum training steps"),
     ("WARMUP_STEPS", 20, "int", "compile warm-up steps; weights and optimizer state are restored after"),
     ("WARMDOWN_ITERS", 3500, "int", "warm-down length in steps (time-based when MAX_WALLCLOCK_SECONDS > 0)"),
+    ("WARMDOWN_FRAC", 0.0, "float", "warm-down as a fraction of the time cap, or of ITERATIONS without one (0: off)"),
     ("TRAIN_BATCH_TOKENS", 786432, "int", "tokens per optimizer step, all ranks together"),
     ("TRAIN_SEQ_LEN", 2048, "int", "training sequence length"),
     ("GRAD_ACCUM_STEPS", 0, "int", "micro-steps per optimizer step (0: 8 // world size)"),
@@ -198,7 +199,7 @@ class Settings:
                           "TARGET_BYTES SLOT_STEPS SLOT_LR SLOT_LR_MIN SLOT_WD ROPE_REF_LEN TIED_EMBED_INIT_STD "
                           "MLP_LEAKY_SLOPE SEED RANK LOCAL_RANK"),
                  "in [0, 1)": (lambda v: 0 <= v < 1, "MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 EMA_DECAY"),
-                 "in [0, 1]": (lambda v: 0 <= v <= 1, "SWA_LR_THRESHOLD LATE_QAT_THRESHOLD"),
+                 "in [0, 1]": (lambda v: 0 <= v <= 1, "SWA_LR_THRESHOLD LATE_QAT_THRESHOLD WARMDOWN_FRAC"),
                  "<= 1024": (lambda v: v <= 1024, "NUM_LAYERS NUM_HEADS MLP_MULT MUON_BACKEND_STEPS"),
                  "<= 65536": (lambda v: v <= 65536, "VOCAB_SIZE MODEL_DIM BIGRAM_DIM VE_DIM TRAIN_SEQ_LEN EVAL_SEQ_LEN "
                               "EVAL_BATCH SLOT_BATCH GPTQ_BLOCK GPTQ_CALIB_BATCHES WORLD_SIZE"),
@@ -718,8 +719,12 @@ def build_optimizers(model, a, rank, world):
     return adam, muon
 
 def lr_multiplier(step, elapsed_ms, a, budget_ms):
-    """1 until the warm-down, then linear to 0 over the last WARMDOWN_ITERS steps before ITERATIONS or, with a time
-    cap, over the last WARMDOWN_ITERS mean step times before the cap, whichever comes first."""
+    """1 until the warm-down, then linear to 0. WARMDOWN_FRAC > 0: over that fraction of the time budget (of
+    ITERATIONS without a cap), as the later records do. Else over the last WARMDOWN_ITERS steps before ITERATIONS
+    or, with a time cap, over the last WARMDOWN_ITERS mean step times before the cap, whichever comes first."""
+    if a.warmdown_frac > 0:
+        left = 1 - (elapsed_ms / budget_ms if budget_ms > 0 else step / a.iterations)
+        return min(1.0, max(left, 0.0) / a.warmdown_frac)
     if a.warmdown_iters == 0:
         return 1.0
     by_steps = min(1.0, max(a.iterations - step, 0) / a.warmdown_iters)
@@ -866,6 +871,7 @@ def train(a, ctx, model, train_files, val):
         ctx.sync()
         elapsed = torch.tensor(train_ms + 1000 * (time.perf_counter() - t0), dtype=torch.float64, device=ctx.device)
         elapsed = ctx.all_reduce(elapsed, dist.ReduceOp.MAX).item()
+        recent = (elapsed - clock[1]) / (step - clock[0])  # steps since the last clock: late-QAT steps are slower
         clock = (step, elapsed, elapsed / step)
         if logging:
             loss = (ctx.all_reduce(loss.clone()) / ctx.world).item()
@@ -874,9 +880,9 @@ def train(a, ctx, model, train_files, val):
                                   "TIED_EMBED_LR, keep GRAD_CLIP_NORM > 0, or check the train shards")
             ctx.log(f"step:{step}/{a.iterations} train_loss:{loss:.4f} train_time:{clock[1]:.0f}ms "
                     f"step_avg:{clock[2]:.2f}ms")
-        if budget_ms and clock[1] + clock[2] > budget_ms:
-            break  # another mean step would end past the cap
-        next_clock = step + max(1, int((budget_ms - clock[1]) / clock[2] / 2)) if budget_ms else a.iterations
+        if budget_ms and elapsed + recent > budget_ms:
+            break  # another step as long as the recent ones would end past the cap
+        next_clock = step + max(1, int((budget_ms - elapsed) / recent / 2)) if budget_ms else a.iterations
     ctx.sync()
     train_ms += 1000 * (time.perf_counter() - t0)
     QAT = False

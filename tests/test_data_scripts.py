@@ -82,11 +82,22 @@ def test_tokenizer_mirrors_official_layout(corpus):
     assert len(vocab) == 1024 and vocab[:4] == ["<pad>\t0", "<s>\t0", "</s>\t0", "<unk>\t0"]
 
 
-def test_val_documents_decode_to_the_docstrings(corpus):
+@pytest.fixture(scope="module")
+def build_corpus():
     spec = importlib.util.spec_from_file_location("build_corpus", BUILD)
-    build_corpus = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build_corpus)
-    _, val_docs = build_corpus.split_docs(build_corpus.collect_docs())
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def base_docs(build_corpus):
+    """The embedded corpus's documents (stdlib docstrings and pydoc topics), collected once."""
+    return build_corpus.collect_docs()
+
+
+def test_val_documents_decode_to_the_docstrings(corpus, build_corpus, base_docs):
+    _, val_docs = build_corpus.split_docs(base_docs)
     _, val = read_shard(dataset_dir(corpus) / "fineweb_val_000000.bin")
     docs = np.split(val, np.flatnonzero(val == 1))[1:]
     assert len(docs) == len(val_docs)
@@ -112,6 +123,30 @@ def test_build_is_deterministic_and_idempotent(corpus, tmp_path):
     result = run(BUILD, "--out", again, "--train-tokens", TRAIN_TOKENS)
     assert result.returncode == 0 and "already built" in result.stdout
     assert before == {p: p.stat().st_mtime_ns for p in again.rglob("*")}
+
+
+def test_site_packages_corpus_adds_installed_packages_within_its_caps(tmp_path, build_corpus, base_docs):
+    max_chars, cap = 2_200_000, 50_000
+    result = run(BUILD, "--site-packages", "--max-chars", max_chars, "--train-tokens", cap, "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = tmp_path / "datasets" / "sitepkg_sp1024"
+    assert sorted(p.name for p in data.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+    assert (tmp_path / "tokenizers" / "sitepkg_1024_bpe.model").is_file()
+    _, train = read_shard(data / "fineweb_train_000000.bin")
+    _, val = read_shard(data / "fineweb_val_000000.bin")
+    line = result.stdout.splitlines()[-1]
+    assert line.startswith(f"corpus: {cap:,} train tokens, {len(val):,} val tokens from ")  # what it produced
+    assert len(train) == cap and train[0] == 1 and val.max() < 1024
+    # the same documents in-process (deterministic): the embedded corpus's, then installed packages' up to the cap
+    base = base_docs
+    docs = build_corpus.collect_docs(site_packages=True, max_chars=max_chars)
+    assert f" from {len(docs):,} documents " in line
+    assert docs[:len(base)] == base and len(docs) > len(base)
+    chars = sum(map(len, docs))
+    assert max_chars <= chars < max_chars + build_corpus.MAX_FILE_BYTES
+    first = next(d for d in build_corpus.site_texts() if len(d) >= build_corpus.MIN_DOC_CHARS and d not in base)
+    assert docs[len(base)] == first
+    assert all(p.endswith(("site-packages", "dist-packages")) for p in build_corpus.site_dirs())
 
 
 # ---------------------------------------------------------------- download_fineweb.py

@@ -24,3 +24,19 @@ def test_readme_quickstart_and_ci_use_the_same_test_command(repo):
     assert commands == ["bash run.sh smoke", "bash run.sh test"]
     assert "bash run.sh test" in (repo / ".ci" / "run").read_text()
 
+
+
+def test_requirements_keep_an_installed_cuda_torch_while_ci_pins_the_tested_one(repo):
+    from packaging.requirements import Requirement
+    reqs = [Requirement(line) for line in (repo / "requirements.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    torch_req = next(r for r in reqs if r.name == "torch")
+    # a GPU box's CUDA builds and this machine's CPU build all satisfy it, so `pip install -r` replaces none of them
+    for kept in ["2.11.0+cu130", "2.11.0", "2.13.0+cpu"]:
+        assert torch_req.specifier.contains(kept), kept
+    assert not torch_req.specifier.contains("2.10.0")
+    pin = re.search(r"pip install -q torch==(\S+) -r requirements.txt", (repo / ".ci" / "run").read_text()).group(1)
+    assert pin == "2.13.0" and torch_req.specifier.contains(pin)
+    ensure_deps = (repo / "run.sh").read_text().split("ensure_deps() {")[1].split("\n}")[0]
+    assert f"pin=(torch=={pin})" in ensure_deps
+    assert f"torch=={pin}" in readme(repo).split("## Installing on a GPU box")[1]

@@ -64,13 +64,25 @@ def test_step_loop_agrees_only_at_clock_steps(shards):
     assert steps == 40 and ctx.reduces == 10, ctx.reduces
 
 
-def test_capped_run_ends_inside_the_cap(shards):
-    """The last step ends at or before the budget, and train_done says so."""
-    a = settings(ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=3, WARMDOWN_ITERS=5, WARMUP_STEPS=0, TRAIN_LOG_EVERY=1000)
-    ctx, steps, ms = train(a, shards)
-    assert 3 <= steps < 100000 and ms <= 3000, (steps, ms)
+@pytest.mark.parametrize("cap,slow,steps", [(3.001, 100, 30), (3.04, 150, 26)])
+def test_capped_run_ends_inside_the_cap(shards, monkeypatch, cap, slow, steps):
+    """On a fake clock (100 ms per step, `slow` ms from step 21 on, as late QAT slows the last steps) the last step
+    ends at or before the cap and train_done says so. Judged by the run's mean step (110 ms at step 26), the second
+    case would take step 27 and end at 3,050 ms; the old loop acted on its flag a step late, past the cap always."""
+    now = [0.0]
+    real_step = tg.Muon.step
+
+    def step(self):
+        real_step(self)
+        now[0] += (100 if int(round(now[0] * 1000)) < 2000 else slow) / 1000
+    monkeypatch.setattr(tg.Muon, "step", step)
+    monkeypatch.setattr(tg.time, "perf_counter", lambda: now[0])
+    a = settings(ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=cap, WARMDOWN_ITERS=5, WARMUP_STEPS=0,
+                 TRAIN_LOG_EVERY=1000)
+    ctx, n, ms = train(a, shards)
+    assert (n, round(ms)) == (steps, steps * 100 + max(0, steps - 20) * (slow - 100)), (n, ms)
     done = next(l for l in ctx.lines if l.startswith("train_done:"))
-    assert f"train_time:{ms:.0f}ms" in done and done.endswith("cap:3000ms")
+    assert f"train_time:{ms:.0f}ms" in done and done.endswith(f"cap:{cap * 1000:.0f}ms") and ms <= cap * 1000
 
 
 def test_nan_loss_stops_training_with_one_error(shards):

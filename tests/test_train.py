@@ -303,7 +303,7 @@ def test_muon_step_matches_manual():
 # ----------------------------------------------------------------------------- 5. warm-down schedule
 
 def sched(**kw):
-    return SimpleNamespace(**{"iterations": 100, "warmdown_iters": 20, **kw})
+    return SimpleNamespace(**{"iterations": 100, "warmdown_iters": 20, "warmdown_frac": 0.0, **kw})
 
 
 def test_lr_multiplier_iteration_based():
@@ -343,6 +343,35 @@ def test_lr_multiplier_warmdown_zero():
     a = sched(warmdown_iters=0)
     assert tg.lr_multiplier(100, 1e9, a, 0.0) == 1.0
     assert tg.lr_multiplier(99, 599_999.0, a, 600_000.0) == 1.0
+
+
+def test_lr_multiplier_warmdown_frac_of_iterations():
+    # no cap: the last 25 % of 1000 steps, mul = (1 - step / 1000) / 0.25; WARMDOWN_ITERS is ignored
+    a = sched(iterations=1000, warmdown_iters=0, warmdown_frac=0.25)
+    got = [tg.lr_multiplier(s, 1e9, a, 0.0) for s in [0, 500, 750, 800, 900, 975, 1000, 1100]]
+    assert got == pytest.approx([1, 1, 1, 0.8, 0.4, 0.1, 0, 0])
+
+
+def test_lr_multiplier_warmdown_frac_of_time_budget():
+    # 600 s cap, WARMDOWN_FRAC 0.8: warm-down from 120 s on, mul = (1 - t / 600 s) / 0.8, whatever the step count
+    a = sched(iterations=20000, warmdown_iters=3500, warmdown_frac=0.8)
+    budget = 600_000.0
+    for step in (5, 5000):
+        got = [tg.lr_multiplier(step, t * 1000.0, a, budget) for t in [0, 60, 120, 300, 540, 600, 650]]
+        assert got == pytest.approx([1, 1, 1, 0.625, 0.125, 0, 0])
+    assert tg.lr_multiplier(0, 60_000.0, sched(warmdown_frac=1.0), budget) == pytest.approx(0.9)
+    # the 1-GPU case, 750 ms/step: 3500 warm-down steps start the run at 600 / 2625 = 0.23 (QAT at once);
+    # a fraction of the run starts it at 1
+    one_gpu = sched(iterations=20000, warmdown_iters=3500)
+    assert tg.lr_multiplier(10, 7_500.0, one_gpu, budget) == pytest.approx(592.5 / 2625)
+    assert tg.lr_multiplier(10, 7_500.0, sched(iterations=20000, warmdown_frac=0.67), budget) == 1.0
+
+
+@pytest.mark.parametrize("raw", ["1.5", "-0.1", "nan", "inf", "half"])
+def test_warmdown_frac_is_validated(tg, raw):
+    with pytest.raises(tg.ConfigError, match="WARMDOWN_FRAC") as e:
+        tg.Settings({"WARMDOWN_FRAC": raw})
+    assert "fix:" in str(e.value)
 
 
 # ----------------------------------------------------------------------------- 6. EMA / SWA

@@ -1,0 +1,42 @@
+"""`bash run.sh record`'s preflight: a toy-size run of every phase that must pass before the real run starts."""
+import os
+import subprocess
+
+from conftest import REPO
+
+
+def record(tmp_path, **env):
+    """Runs `bash run.sh record 7` with a clean environment plus env; returns (CompletedProcess, LOG_DIR)."""
+    log_dir = tmp_path / "logs"
+    full = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "OMP_NUM_THREADS": "1",
+            "OMP_WAIT_POLICY": "PASSIVE", "LOG_DIR": str(log_dir), **env}
+    proc = subprocess.run(["bash", "run.sh", "record", "7"], cwd=REPO, env=full, capture_output=True, text=True,
+                          timeout=300)
+    return proc, log_dir
+
+
+def test_preflight_failure_stops_before_the_real_run(tmp_path, corpus):
+    (tmp_path / "no_shards").mkdir()
+    proc, log_dir = record(tmp_path, DATA_PATH=str(tmp_path / "no_shards"), TOKENIZER_PATH=str(corpus[1]))
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    out = log_dir / "preflight" / "record_seed7_preflight.out"
+    assert len(errors) == 1 and proc.stderr.strip() == errors[0], proc.stderr
+    assert errors[0].startswith("error: preflight failed, the real run was not started: DATA_PATH=")
+    assert "fix:" in errors[0] and str(out) in errors[0] and "PREFLIGHT=0" in errors[0]
+    assert "no_shards" in out.read_text()  # the preflight's own output holds train_gpt.py's error
+    assert sorted(p.name for p in log_dir.iterdir()) == ["preflight"]  # no real-run log, weights or artifact
+    assert "run_id:record_seed7 " not in proc.stdout
+
+
+def test_preflight_0_skips_it_and_a_bad_value_is_one_error_line(tmp_path, corpus):
+    proc, log_dir = record(tmp_path, PREFLIGHT="yes")
+    assert proc.returncode == 2 and not log_dir.exists()
+    assert proc.stderr.strip() == ("error: PREFLIGHT=yes is not 0 or 1; fix: unset it (preflight on) or set "
+                                   "PREFLIGHT=0 to skip")
+    (tmp_path / "no_shards").mkdir()
+    proc, log_dir = record(tmp_path, PREFLIGHT="0", DATA_PATH=str(tmp_path / "no_shards"),
+                           TOKENIZER_PATH=str(corpus[1]))
+    assert proc.returncode == 2 and "preflight:" not in proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: DATA_PATH=") and len(proc.stderr.strip().splitlines()) == 1
+    assert (log_dir / "record_seed7.txt").is_file() and not (log_dir / "preflight").exists()
