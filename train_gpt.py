@@ -1557,17 +1557,17 @@ def error_text(e):
 
 def write_atomic(path, data):
     """Bytes (or a dict, as strict JSON) to a temporary name, then renamed: never a partial file under `path`."""
-    if isinstance(data, dict):
-        try:
-            data = (json.dumps(data, indent=2, allow_nan=False) + "\n").encode()
-        except ValueError:
-            raise ConfigError(f"{path}: a result is NaN or infinite (the model diverged); fix: lower the learning "
-                              "rates or check the data") from None
     tmp = Path(f"{path}.{os.getpid()}.tmp")
     try:
+        if isinstance(data, dict):
+            data = (json.dumps(data, indent=2, allow_nan=False) + "\n").encode()
         with open(tmp, "xb") as f:
             f.write(data)
         os.replace(tmp, path)
+    except ValueError:
+        raise ConfigError(f"{path}: a result is NaN or infinite (diverged); fix: lower the learning rates") from None
+    except OSError as e:  # a full disk names no file: this names the one being written
+        raise ConfigError(f"cannot write {path} ({e.strerror or e}); fix: free disk space, check the folder") from None
     finally:
         tmp.unlink(missing_ok=True)
 
