@@ -441,7 +441,7 @@ def test_artifact_class(report, case):
 
 
 def test_crafted_artifact_fuzz(report):
-    """300 fuzzed files: each a clean ArtifactError or, where the edit is harmless, exactly the genuine tensors
+    """330 fuzzed files: each a clean ArtifactError or, where the edit is harmless, exactly the genuine tensors
     (a config edited into another valid one, say LOGIT_SOFTCAP true = 1.0, is a valid artifact of that model)."""
     fuzz = {n: c for n, c in report["cases"].items() if n.startswith("fuzz_")}
     assert len(fuzz) >= 300
