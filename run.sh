@@ -84,6 +84,8 @@ case "$cmd" in
     ensure_deps
     toy_defaults
     run=${RUN_ID:-smoke}
+    rm -f "${LOG_DIR:-logs}/$run".{txt,int6.pgz,prequant.pgz,submission.json} \
+      "${LOG_DIR:-logs}/${run}_causal".{txt,submission.json}  # reuse on purpose: a run never replaces another's files
     RUN_ID=$run python train_gpt.py
     RUN_ID=${run}_causal EVAL_ONLY=1 ARTIFACT=${LOG_DIR:-logs}/$run.int6.pgz SLOT_MODE=causal SLIDING_ENABLED=0 \
       python train_gpt.py

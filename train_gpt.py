@@ -4,7 +4,8 @@ Every setting is an environment variable; see README.md. Order: settings -> data
 optimizer -> training -> export -> evaluation -> main."""
 from __future__ import annotations
 
-import contextlib, copy, difflib, glob, hashlib, importlib, json, lzma, math, os, struct, sys, time, traceback
+import contextlib, copy, difflib, glob, hashlib, importlib, json, lzma, math, os, re, signal, struct, sys, time
+import traceback
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -137,12 +138,17 @@ ARCH_KEYS = ["VOCAB_SIZE", "TRAIN_SEQ_LEN", "NUM_LAYERS", "MODEL_DIM", "NUM_HEAD
              "UNET_SKIPS", "SKIP_GATED", "TIE_EMBEDDINGS", "TIED_EMBED_INIT_STD"]
 KIND_TEXT = {"int": "an integer", "float": "a number", "bool": "0 or 1", "ints": "comma-separated integers",
              "floats": "comma-separated numbers", "strs": "comma-separated words", "str": "a string"}
+MAX_PARAMS = 1 << 30  # 4 GiB of fp32 weights: far above the record model (27M), far below a memory bomb
+TORCHRUN = (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"))  # checked as ints
 
 LORA_TARGETS = {"q": ["attn.q"], "k": ["attn.k"], "v": ["attn.v"], "o": ["attn.proj"], "mlp": ["mlp.fc", "mlp.proj"],
                 "head": []}
 
 class ConfigError(Exception):
     """A bad setting or input file; main() prints it as one line and exits 2."""
+
+def esc(s):  # an untrusted string printed on one line: control characters (newline, ESC) become escapes
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(s))
 
 def _parse(name, raw, default, kind):
     items = [x.strip() for x in raw.split(",") if x.strip()]
@@ -164,13 +170,23 @@ class Settings:
         for name, default, kind, _ in SETTINGS:
             value = _parse(name, env[name], default, kind) if name in env else default
             setattr(self, name.lower(), list(value) if isinstance(value, list) else value)
-        self.world_size = int(env.get("WORLD_SIZE", "1"))
+        for name, default in TORCHRUN:  # set by torchrun; checked here so that setup_distributed() can trust them
+            setattr(self, name.lower(), _parse(name, env.get(name, default), default, "int"))
         if self.grad_accum_steps == 0:
-            self.grad_accum_steps = max(1, 8 // self.world_size)
+            self.grad_accum_steps = max(1, 8 // max(self.world_size, 1))
         self.validate()
 
     def arch(self):
         return {k: getattr(self, k.lower()) for k in ARCH_KEYS}
+
+    @classmethod
+    def from_arch(cls, config):
+        """Settings of a model config (an artifact's), parsed and checked as if it came from the environment."""
+        if sorted(config) != sorted(ARCH_KEYS):
+            raise ConfigError(f"config keys missing or unknown: {sorted(set(config) ^ set(ARCH_KEYS))}")
+        env = {k: ",".join(map(str, v)) if isinstance(v, list) else str(int(v) if isinstance(v, bool) else v)
+               for k, v in config.items()}
+        return cls({**env, "TRAIN_BATCH_TOKENS": env["TRAIN_SEQ_LEN"], "GRAD_ACCUM_STEPS": "1"})  # a batch that fits
 
     def sweep_grid(self):
         if not any([self.sweep_slot_mode, self.sweep_slot_steps, self.sweep_slot_lr, self.sweep_slot_lr_min,
@@ -205,21 +221,34 @@ class Settings:
         def need(ok, name, why, fix):
             if not ok:
                 raise ConfigError(f"{name}={getattr(self, name.lower())!r}: {why}; fix: {fix}")
+        for name, _, kind, _ in SETTINGS:  # NaN fails every comparison, so the bound also rejects nan and inf
+            x, lim = getattr(self, name.lower()), 2**32 - 1 if kind in ("int", "ints") else 1e9
+            need(kind in ("str", "strs", "bool") or all(abs(v) <= lim for v in (x if isinstance(x, list) else [x])),
+                 name, f"must be finite and at most {lim:.10g} in size", f"set {name} within +-{lim:.10g}")
+            need(kind != "str" or esc(x) == x, name, "holds control characters (they forge log lines)", "drop them")
+        need(re.fullmatch(r"[A-Za-z0-9_.-]{0,100}", self.run_id), "RUN_ID", "may hold only letters, digits, "
+             "'_', '.', '-' (at most 100)", "pick a plain file name such as RUN_ID=run_1")
         rules = {"> 0": (lambda v: v > 0, "VOCAB_SIZE ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN GRAD_ACCUM_STEPS "
-                         "NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT TRAIN_LOG_EVERY EVAL_SEQ_LEN "
-                         "EVAL_STRIDE EVAL_BATCH SLOT_BATCH SLOT_EPS MUON_BACKEND_STEPS SWA_EVERY GPTQ_BLOCK ADAM_EPS "
-                         "GPTQ_CALIB_BATCHES SIZE_LIMIT_BYTES BIGRAM_DIM VE_DIM ROPE_BASE LOGIT_SOFTCAP "
-                         "GPTQ_TEMPERATURE GPTQ_DAMP TTT_LORA_RANK TTT_CHUNK_SIZE TTT_BATCH_SIZE TTT_EVAL_SEQ_LEN "
-                         "GLOBAL_TTT_CHUNK"),
+                         "WORLD_SIZE LOCAL_WORLD_SIZE NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT "
+                         "TRAIN_LOG_EVERY EVAL_SEQ_LEN EVAL_STRIDE EVAL_BATCH SLOT_BATCH SLOT_EPS MUON_BACKEND_STEPS "
+                         "SWA_EVERY GPTQ_BLOCK ADAM_EPS GPTQ_CALIB_BATCHES SIZE_LIMIT_BYTES BIGRAM_DIM VE_DIM "
+                         "ROPE_BASE LOGIT_SOFTCAP GPTQ_TEMPERATURE GPTQ_DAMP TTT_LORA_RANK TTT_CHUNK_SIZE "
+                         "TTT_BATCH_SIZE TTT_EVAL_SEQ_LEN GLOBAL_TTT_CHUNK"),
                  ">= 0": (lambda v: v >= 0, "WARMUP_STEPS WARMDOWN_ITERS MAX_WALLCLOCK_SECONDS VAL_LOSS_EVERY "
                           "VAL_TOKENS ROPE_DIMS XSA_LAST_N BIGRAM_VOCAB_SIZE TIED_EMBED_LR HEAD_LR MATRIX_LR "
                           "SCALAR_LR MUON_WD MUON_MOMENTUM_WARMUP_STEPS ADAM_WD GRAD_CLIP_NORM GPTQ_RESERVE_SECONDS "
                           "TARGET_BYTES SLOT_STEPS SLOT_LR SLOT_LR_MIN SLOT_WD ROPE_REF_LEN TIED_EMBED_INIT_STD "
-                          "MLP_LEAKY_SLOPE TTT_LR TTT_WEIGHT_DECAY TTT_GRAD_STEPS PHASED_TTT_NUM_PHASES "
-                          "PHASED_TTT_PREFIX_DOCS GLOBAL_TTT_LR GLOBAL_TTT_EPOCHS GLOBAL_TTT_GRAD_CLIP"),
+                          "MLP_LEAKY_SLOPE SEED RANK LOCAL_RANK TTT_LR TTT_WEIGHT_DECAY TTT_GRAD_STEPS "
+                          "PHASED_TTT_NUM_PHASES PHASED_TTT_PREFIX_DOCS GLOBAL_TTT_LR GLOBAL_TTT_EPOCHS "
+                          "GLOBAL_TTT_GRAD_CLIP"),
                  "in [0, 1)": (lambda v: 0 <= v < 1, "MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 EMA_DECAY "
                                "GLOBAL_TTT_MOMENTUM"),
-                 "in [0, 1]": (lambda v: 0 <= v <= 1, "SWA_LR_THRESHOLD LATE_QAT_THRESHOLD WARMDOWN_FRAC")}
+                 "in [0, 1]": (lambda v: 0 <= v <= 1, "SWA_LR_THRESHOLD LATE_QAT_THRESHOLD WARMDOWN_FRAC"),
+                 "<= 1024": (lambda v: v <= 1024, "NUM_LAYERS NUM_HEADS MLP_MULT MUON_BACKEND_STEPS"),
+                 "<= 65536": (lambda v: v <= 65536, "VOCAB_SIZE MODEL_DIM BIGRAM_DIM VE_DIM TRAIN_SEQ_LEN EVAL_SEQ_LEN "
+                              "EVAL_BATCH SLOT_BATCH GPTQ_BLOCK GPTQ_CALIB_BATCHES WORLD_SIZE TTT_LORA_RANK "
+                              "TTT_CHUNK_SIZE TTT_BATCH_SIZE TTT_EVAL_SEQ_LEN"),
+                 "in [0.001, 1000]": (lambda v: 1e-3 <= v <= 1e3, "GPTQ_TEMPERATURE")}
         for rule, (ok, names) in rules.items():
             for n in names.split():
                 need(ok(getattr(self, n.lower())), n, f"must be {rule}", f"set {n} to a value {rule}")
@@ -249,6 +278,10 @@ class Settings:
              "use a stride <= EVAL_SEQ_LEN")
         need(self.slot_lr_min <= self.slot_lr, "SLOT_LR_MIN", f"exceeds SLOT_LR={self.slot_lr}",
              "set SLOT_LR_MIN <= SLOT_LR")
+        lo, hi = max(self.sweep_slot_lr_min or [self.slot_lr_min]), min(self.sweep_slot_lr or [self.slot_lr])
+        need(lo <= hi, "SWEEP_SLOT_LR_MIN", f"{lo} exceeds the grid's lr {hi}", "keep it <= SWEEP_SLOT_LR (or SLOT_LR)")
+        need(max(self.rank, self.local_rank) < self.world_size, "RANK", f"RANK and LOCAL_RANK={self.local_rank} must be"
+             f" below WORLD_SIZE={self.world_size}", "launch with torchrun, or unset them for one process")
         for name, ok in choices.items():
             value = getattr(self, name.lower())
             need(all(v in ok for v in (value if isinstance(value, list) else [value])), name,
@@ -273,6 +306,18 @@ class Settings:
              "leaves no training time", "keep it well below MAX_WALLCLOCK_SECONDS")
         need(not self.eval_only or (self.artifact and Path(self.artifact).is_file()), "ARTIFACT",
              "EVAL_ONLY=1 needs an existing artifact file", "set ARTIFACT=<path of a .pgz written by a run>")
+        n = param_count(self.arch())
+        need(n <= MAX_PARAMS, "MODEL_DIM", f"with NUM_LAYERS={L} and the rest the model has {n:,} parameters, over "
+             f"the {MAX_PARAMS:,} cap", "shrink MODEL_DIM, NUM_LAYERS, MLP_MULT or the vocabularies")
+
+def param_count(c):
+    """Parameters of GPT(c) by formula (a test checks it), to cap the size before anything is built."""
+    V, d, L, h, bv, bd, vd = (c[k] for k in ("VOCAB_SIZE", "MODEL_DIM", "NUM_LAYERS", "NUM_HEADS", "BIGRAM_VOCAB_SIZE",
+                                             "BIGRAM_DIM", "VE_DIM"))
+    kv, enc = c["NUM_KV_HEADS"] * (d // h), L // 2 if c["UNET_SKIPS"] else 0
+    return (V * d * (2 - c["TIE_EMBEDDINGS"]) + L * (2 * d * d + 2 * d * kv + h + 2 * c["MLP_MULT"] * d * d + 4 * d)
+            + min(enc, L - enc) * d * (1 + c["SKIP_GATED"]) + d * c["SMEAR_ENABLED"] + (bv * bd + bd * d + 1) * (bv > 0)
+            + (V * vd + vd * kv + 1 + len(c["VE_LAYERS"])) * c["VE_ENABLED"])
 
 def warn_env_typos(env=None):
     """A warning for each env var that nearly matches a setting without being one (SLOT_STPES), naming the closest."""
@@ -290,6 +335,8 @@ BOS_ID = 1
 
 def shard_token_count(path):
     """Checks a shard's header against its size; returns its token count."""
+    if not os.path.isfile(path):  # checked first: opening a FIFO would block
+        raise ConfigError(f"shard {path} is not a regular file (folder, FIFO, dangling link...); fix: remove it")
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header.size < HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
@@ -297,19 +344,23 @@ def shard_token_count(path):
         raise ConfigError(f"shard {path}: bad header ({got}; expected magic {SHARD_MAGIC} version {SHARD_VERSION}); "
                           "fix: re-download it with `bash run.sh data`")
     expected = HEADER_INTS * 4 + 2 * int(header[2])
-    if size != expected:
-        raise ConfigError(f"shard {path}: header declares {int(header[2])} tokens ({expected} bytes) but the file has "
-                          f"{size} bytes (truncated or corrupt); fix: re-download it with `bash run.sh data`")
+    if size != expected or header[2] == 0:
+        raise ConfigError(f"shard {path}: header declares {int(header[2])} tokens ({expected} bytes) and the file has "
+                          f"{size} bytes (truncated, corrupt or empty); fix: re-download it with `bash run.sh data`")
     return int(header[2])
 
-def load_shard(path):
-    return np.fromfile(path, dtype="<u2", offset=HEADER_INTS * 4)
+def load_shard(path, vocab_size):
+    tokens = np.fromfile(path, dtype="<u2", offset=HEADER_INTS * 4)
+    if tokens.max(initial=0) >= vocab_size:
+        raise ConfigError(f"shard {path} holds token id {tokens.max()} >= VOCAB_SIZE={vocab_size}; fix: use "
+                          "shards made with the TOKENIZER_PATH tokenizer, or the matching VOCAB_SIZE")
+    return tokens
 
 def find_shards(data_path, split):
     if not Path(data_path).is_dir():
         raise ConfigError(f"DATA_PATH={data_path!r} is not a folder; fix: download the data with `bash run.sh data` "
                           "or point DATA_PATH at a folder of fineweb_*.bin shards")
-    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    files = sorted(glob.glob(os.path.join(glob.escape(data_path), f"fineweb_{split}_*.bin")))
     if not files:
         raise ConfigError(f"DATA_PATH={data_path!r} holds no fineweb_{split}_*.bin shards; fix: `bash run.sh data` "
                           "or point DATA_PATH at the shard folder")
@@ -320,16 +371,16 @@ def find_shards(data_path, split):
 class TrainLoader:
     """Reads the train shards in order; each call takes one global micro-batch and keeps this rank's slice."""
 
-    def __init__(self, files, rank, world, device):
-        self.files, self.rank, self.world, self.device = files, rank, world, device
-        self.file_idx, self.pos, self.tokens = 0, 0, load_shard(files[0])
+    def __init__(self, files, rank, world, device, vocab_size):
+        self.files, self.rank, self.world, self.device, self.vocab = files, rank, world, device, vocab_size
+        self.file_idx, self.pos, self.tokens = 0, 0, load_shard(files[0], vocab_size)
 
     def _take(self, n):
         parts = []
         while n > 0:
             if self.pos == len(self.tokens):
                 self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.pos, self.tokens = 0, load_shard(self.files[self.file_idx])
+                self.pos, self.tokens = 0, load_shard(self.files[self.file_idx], self.vocab)
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
@@ -346,9 +397,12 @@ class TrainLoader:
 def load_tokenizer(path, vocab_size):
     import sentencepiece as spm
     if not Path(path).is_file():
-        raise ConfigError(f"TOKENIZER_PATH={path!r} does not exist; fix: `bash run.sh data` or point TOKENIZER_PATH "
-                          "at the .model file")
-    sp = spm.SentencePieceProcessor(model_file=str(path))
+        raise ConfigError(f"TOKENIZER_PATH={path!r} is not an existing file; fix: `bash run.sh data` or point "
+                          "TOKENIZER_PATH at the .model file")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:
+        raise ConfigError(f"TOKENIZER_PATH={path!r} is not a SentencePiece model ({e}); fix: use its .model") from None
     if sp.vocab_size() != vocab_size:
         raise ConfigError(f"TOKENIZER_PATH={path!r} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; "
                           "fix: set VOCAB_SIZE to the tokenizer's size or use the matching tokenizer")
@@ -767,10 +821,10 @@ class WeightAverage:
 class Ctx:
     """Process-group facts plus the run log (rank 0 writes logs/<RUN_ID>.txt as lines happen)."""
 
-    def __init__(self, rank, world, local_rank, device, log_path=None):
+    def __init__(self, rank, world, local_rank, device):
         self.rank, self.world, self.local_rank, self.device = rank, world, local_rank, device
         self.main = rank == 0
-        self.log_file = open(log_path, "a", encoding="utf-8") if (self.main and log_path) else None
+        self.log_file = None  # opened by open_run() on rank 0
 
     def log(self, msg):
         if self.main:
@@ -796,7 +850,7 @@ def train(a, ctx, model, train_files, val):
     """Runs the training loop; returns (steps, train_ms, loader). Leaves the final weights (SWA, EMA or raw) in
     model; the loader is positioned after the last training batch, for GPTQ_CALIB=train."""
     global QAT
-    loader = TrainLoader(train_files, ctx.rank, ctx.world, ctx.device)
+    loader = TrainLoader(train_files, ctx.rank, ctx.world, ctx.device, a.vocab_size)
     # flash-attn kernels may not trace whole, so fullgraph is demanded only of the SDPA path
     compiled = (torch.compile(model, dynamic=False, fullgraph=ATTN_FN is None) if ctx.device.type == "cuda"
                 and a.compile else model)
@@ -841,7 +895,7 @@ def train(a, ctx, model, train_files, val):
         model.load_state_dict(saved)
         for opt, st in zip((adam, muon), saved_opt):
             opt.load_state_dict(st)
-        loader = TrainLoader(train_files, ctx.rank, ctx.world, ctx.device)
+        loader = TrainLoader(train_files, ctx.rank, ctx.world, ctx.device, a.vocab_size)
         ctx.sync()
         ctx.log(f"warmup: {a.warmup_steps} steps in {time.perf_counter() - t:.1f}s; weights and optimizer restored")
 
@@ -1143,14 +1197,14 @@ def rans_decode(blob, seg_lens):
     def take(dtype, count, what):
         nonlocal pos
         size = np.dtype(dtype).itemsize * count
-        if pos + size > len(blob):
+        if count < 0 or pos + size > len(blob):
             raise ValueError(f"rANS stream truncated in the {what}")
         pos += size
         return np.frombuffer(blob, dtype, count, pos - size)
 
     magic, lanes, n_words = struct.unpack("<4sIQ", take(np.uint8, 16, "header").tobytes())
-    if magic != b"rAN1" or lanes < 1:
-        raise ValueError("not a rANS stream")
+    if magic != b"rAN1" or lanes != min(8192, max(1, n // 8192)) or n_words > n:  # as rans_encode: the time is n/lanes
+        raise ValueError(f"not a rANS stream of {n} symbols (lanes {lanes}, {n_words} words)")
     lohi = take(np.int8, 2 * n_seg, "value ranges").astype(np.int64)
     lo, widths = lohi[0::2], lohi[1::2] - lohi[0::2] + 1
     freqs = take("<u2", int(widths.sum()), "frequency tables").astype(np.int64)
@@ -1227,6 +1281,12 @@ def unpack_raw(entries, raw):
 def int_lens(entries):
     return [e["nbytes"] for e in entries if e["kind"] in INT_KINDS]
 
+def raw_len(entries):  # the declared decoded size: every decoder stops one byte past it, so a bomb costs no more
+    return sum(e["nbytes"] for e in entries)
+
+def _unlzma(blob, n):
+    return lzma.LZMADecompressor(memlimit=1 << 27).decompress(blob, max_length=n + 1)  # preset 9 needs 65 MB
+
 def _rans_pack(raw, entries):
     lens = int_lens(entries)
     coded = rans_encode(np.frombuffer(raw[:sum(lens)], np.int8), lens)
@@ -1234,22 +1294,23 @@ def _rans_pack(raw, entries):
 
 def _rans_unpack(blob, entries):
     (n,) = struct.unpack_from("<Q", blob)
-    return rans_decode(blob[8:8 + n], int_lens(entries)).tobytes() + lzma.decompress(blob[8 + n:])
+    return rans_decode(blob[8:8 + n], int_lens(entries)).tobytes() + _unlzma(blob[8 + n:], raw_len(entries))
 
 def codecs():
     """name -> (compress(raw, entries), decompress(blob, entries)) or a reason it is unavailable."""
     out = {"none": (lambda r, e: r, lambda b, e: b),
-           "lzma-9": (lambda r, e: lzma.compress(r, preset=9), lambda b, e: lzma.decompress(b)),
+           "lzma-9": (lambda r, e: lzma.compress(r, preset=9), lambda b, e: _unlzma(b, raw_len(e))),
            "rans": (_rans_pack, _rans_unpack)}
     try:
         import zstandard
         out["zstd-22"] = (lambda r, e: zstandard.ZstdCompressor(level=22).compress(r),
-                          lambda b, e: zstandard.ZstdDecompressor().decompress(b))
+                          lambda b, e: zstandard.ZstdDecompressor().stream_reader(b).read(raw_len(e) + 1))
     except ImportError:
         out["zstd-22"] = "python package zstandard is not installed"
     try:
         import brotli
-        out["brotli-11"] = (lambda r, e: brotli.compress(r, quality=11), lambda b, e: brotli.decompress(b))
+        out["brotli-11"] = (lambda r, e: brotli.compress(r, quality=11),
+                            lambda b, e: brotli.Decompressor().process(b, output_buffer_limit=raw_len(e) + 1))
     except ImportError:
         out["brotli-11"] = "python package brotli is not installed"
     return out
@@ -1266,39 +1327,75 @@ def encode_artifact(tensors, codec, label, config, payload=None):
                              payload_sha256=hashlib.sha256(payload).hexdigest()), separators=(",", ":")).encode()
     return ART_PREFIX.pack(ART_MAGIC, ART_VERSION, len(header), hashlib.sha256(header).digest()) + header + payload
 
-def read_artifact(path):
-    """Returns (header, arrays). Never unpickles; any damage is one ArtifactError line naming the file."""
+ART_HEADER_MAX = 1 << 22  # bytes; a genuine header takes about 150 per tensor
+HEADER_FIELDS = dict(label=str, codec=str, config=dict, entries=list, raw_bytes=int, raw_sha256=str,
+                     payload_bytes=int, payload_sha256=str)
+ENTRY_FIELDS = dict(key=str, kind=str, shape=list, offset=int, nbytes=int)
+
+def read_artifact(path, check_model=True):
+    """(header, arrays), checked before anything large is read or allocated; never unpickles; any damage is one
+    ArtifactError. check_model=False skips the config and model checks: any tensors (the format's own tests)."""
     def bad(why):
         return ArtifactError(f"artifact {path}: {why}; fix: re-export it or point ARTIFACT at an intact file")
-    data = Path(path).read_bytes()
-    if len(data) < ART_PREFIX.size:
-        raise bad(f"only {len(data)} bytes, shorter than the {ART_PREFIX.size}-byte prefix (truncated)")
-    magic, version, hlen, hsha = ART_PREFIX.unpack_from(data)
-    if magic != ART_MAGIC:
-        raise bad(f"wrong magic {magic!r} (expected {ART_MAGIC!r}): not a train_gpt.py artifact")
-    if version != ART_VERSION:
-        raise bad(f"format version {version}, this script reads version {ART_VERSION}")
-    header_bytes = data[ART_PREFIX.size:ART_PREFIX.size + hlen]
-    if len(header_bytes) != hlen or hashlib.sha256(header_bytes).digest() != hsha:
-        raise bad("header checksum mismatch (truncated or corrupt)")
+    if not Path(path).is_file():  # before open(): a FIFO would block
+        raise bad("not a regular file")
     try:
-        header = json.loads(header_bytes)
-        payload = data[ART_PREFIX.size + hlen:]
-        if len(payload) != header["payload_bytes"]:
-            raise bad(f"payload is {len(payload)} bytes, header says {header['payload_bytes']} (truncated)")
+        with open(path, "rb") as f:
+            size, prefix = os.fstat(f.fileno()).st_size, f.read(ART_PREFIX.size)
+            if len(prefix) < ART_PREFIX.size:
+                raise bad(f"only {size} bytes, shorter than the {ART_PREFIX.size}-byte prefix (truncated)")
+            magic, version, hlen, hsha = ART_PREFIX.unpack(prefix)
+            if magic != ART_MAGIC or version != ART_VERSION:
+                raise bad(f"magic {magic!r} version {version}: not a train_gpt.py artifact (magic {ART_MAGIC!r})")
+            if hlen > min(ART_HEADER_MAX, size - ART_PREFIX.size):
+                raise bad(f"header length {hlen} exceeds the file or the {ART_HEADER_MAX}-byte cap (truncated?)")
+            if hashlib.sha256(header_bytes := f.read(hlen)).digest() != hsha:
+                raise bad("header checksum mismatch (truncated or corrupt)")
+            header = json.loads(header_bytes)
+            if (not isinstance(header, dict) or any(type(header.get(k)) is not t for k, t in HEADER_FIELDS.items())
+                    or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", header["label"])):  # the label names log lines
+                raise bad(f"header needs the fields {', '.join(HEADER_FIELDS)} with their types, and a plain label")
+            entries, off = header["entries"], 0
+            for i, e in enumerate(entries):
+                if (not isinstance(e, dict) or any(type(e.get(k)) is not t for k, t in ENTRY_FIELDS.items())
+                        or e["kind"] not in NP_DTYPE or any(type(n) is not int or n < 0 for n in e["shape"])
+                        or e["offset"] != off or e["nbytes"] != math.prod(e["shape"]) * NP_DTYPE[e["kind"]]().itemsize
+                        or e["kind"] in INT_KINDS and i and entries[i - 1]["kind"] not in INT_KINDS):
+                    raise bad(f"entry {i} is malformed, out of order or not contiguous ({str(e)[:100]})")
+                off += e["nbytes"]
+            if off != header["raw_bytes"] or off > 4 * MAX_PARAMS or len({e["key"] for e in entries}) < len(entries):
+                raise bad(f"entries sum to {off} bytes, header says raw_bytes {header['raw_bytes']} (or keys repeat)")
+            if check_model:
+                header["config"] = Settings.from_arch(header["config"]).arch()  # checked, and typed for GPT()
+                want = {}  # key -> (kind, shape) as quantize_state (or the prequant export: all fp32) writes them
+                with torch.device("meta"):  # the model's tensor shapes, nothing allocated
+                    shapes = {k: tuple(v.shape) for k, v in GPT(header["config"]).state_dict().items()}
+                for name, sh in shapes.items():
+                    kind = "fp32" if header["label"] == "prequant" else quant_kind(name, torch.empty(sh, device="meta"))
+                    want.update({name + "#q": (kind, sh), name + "#scale": ("fp16", sh[:1])} if kind in INT_KINDS
+                                else {name: (kind, sh)})
+                got = {e["key"]: (e["kind"], tuple(e["shape"])) for e in entries}
+                if got != want:
+                    k = min(set(got.items()) ^ set(want.items()))[0]
+                    raise bad(f"tensor {k} is {got.get(k)} (kind, shape) but its config's model needs {want.get(k)}")
+            if size != ART_PREFIX.size + hlen + header["payload_bytes"]:
+                raise bad(f"file is {size} bytes, its header declares {hlen} + {header['payload_bytes']} after the "
+                          "prefix (truncated or padded)")
+            payload = f.read()
         if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
             raise bad("payload checksum mismatch (corrupt)")
         codec = codecs().get(header["codec"])
         if not isinstance(codec, tuple):
             raise bad(f"codec {header['codec']} unavailable ({codec or 'unknown codec'})")
-        raw = codec[1](payload, header["entries"])
-        if hashlib.sha256(raw).hexdigest() != header["raw_sha256"]:
+        raw = codec[1](payload, entries)
+        if len(raw) != off or hashlib.sha256(raw).hexdigest() != header["raw_sha256"]:
             raise bad(f"decoded data checksum mismatch (codec {header['codec']})")
-        return header, unpack_raw(header["entries"], raw)
+        return header, unpack_raw(entries, raw)
     except ArtifactError:
         raise
     except Exception as e:  # checksums are no signature: an edited file with fresh sums must still fail cleanly
-        raise bad(f"unreadable header or payload ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
+        why = (str(e).splitlines() or [""])[0].split("; fix:")[0]  # a ConfigError: a bad setting in its config
+        raise bad(f"invalid header, config or payload ({type(e).__name__}: {why})") from None
 
 def export(a, ctx, state, hessians, code_bytes):
     """Quantises, measures every codec, keeps the smallest bit-exact one, prunes to TARGET_BYTES, writes ARTIFACT.
@@ -1336,7 +1433,7 @@ def export(a, ctx, state, hessians, code_bytes):
         tensors = prune_ones(tensors, hdiag, size[fast], size[best], a.target_bytes, ctx.log)
         blob = encode_artifact(tensors, best, "int6", config)
     Path(a.artifact).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.artifact).write_bytes(blob)
+    write_atomic(a.artifact, blob)
     ctx.log(f"artifact_path: {a.artifact}")
     ctx.log(f"export: {time.perf_counter() - t0:.1f}s (GPTQ, codecs, pruning, write; rank 0 while the others wait)")
     return len(blob)
@@ -1668,13 +1765,59 @@ def on_main(ctx, fn):
     if ctx.main:
         try:
             out[0] = fn()
-        except ConfigError as e:
-            out[1] = str(e)
+        except (ConfigError, OSError) as e:
+            out[1] = error_text(e)
     if ctx.world > 1:
         dist.broadcast_object_list(out, src=0)
     if out[1]:
         raise ConfigError(out[1])
     return out[0]
+
+def error_text(e):
+    """The text of the one `error:` line for a ConfigError, an OSError (any file read or written) or an interrupt."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (Ctrl-C or SIGTERM); files already written are complete; fix: run again with a new RUN_ID"
+    if isinstance(e, OSError):
+        e = (f"{e.filename or 'a file'}: {e.strerror or e} ({type(e).__name__}); fix: check that path (it or its "
+             "folder must exist and be readable or writable) and the free disk space")
+    return esc(e)
+
+def write_atomic(path, data):
+    """Bytes (or a dict, as strict JSON) to a temporary name, then renamed: never a partial file under `path`."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    try:
+        if isinstance(data, dict):
+            data = (json.dumps(data, indent=2, allow_nan=False) + "\n").encode()
+        with open(tmp, "xb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except ValueError:
+        raise ConfigError(f"{path}: a result is NaN or infinite (diverged); fix: lower the learning rates") from None
+    except OSError as e:  # a full disk names no file: this names the one being written
+        raise ConfigError(f"cannot write {path} ({e.strerror or e}); fix: free disk space, check the folder") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+def open_run(a, ctx, code_bytes):
+    """Rank 0, before any data is read: names the run, checks its outputs and opens its log; returns the run id."""
+    run_id = a.run_id or datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
+    base = Path(a.log_dir) / run_id
+    try:
+        Path(a.log_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"LOG_DIR={a.log_dir!r} is not a writable folder ({e.strerror}); fix: point LOG_DIR at a "
+                          "folder you can write, or move the file in its way") from None
+    outputs = [f"{base}.txt", f"{base}.submission.json"]
+    outputs += [] if a.eval_only else [a.artifact or f"{base}.int6.pgz", f"{base}.prequant.pgz"]
+    for p in filter(os.path.lexists, outputs):
+        raise ConfigError(f"RUN_ID={run_id!r}: {p} already exists{' as a folder' if Path(p).is_dir() else ''} and a "
+                          f"run never replaces another's files; fix: pick another RUN_ID (or ARTIFACT), or delete "
+                          f"{base}.* to reuse it on purpose")
+    if not a.eval_only and 0 < a.target_bytes <= code_bytes:
+        raise ConfigError(f"TARGET_BYTES={a.target_bytes}: the code alone is {code_bytes} bytes, no room for the "
+                          "model; fix: raise TARGET_BYTES (the record uses 16000000) or set 0 (no pruning)")
+    ctx.log_file = open(f"{base}.txt", "x", encoding="utf-8")  # "x": two runs racing for one RUN_ID cannot share it
+    return run_id
 
 def model_from(config, state, ctx, compile_eval):
     model = build_model(config, ctx.device)
@@ -1691,7 +1834,7 @@ def run(a, ctx, run_id, code_bytes):
     sp = load_tokenizer(a.tokenizer_path, a.vocab_size)
     val_files = find_shards(a.data_path, "val")
     train_files = None if a.eval_only else find_shards(a.data_path, "train")
-    tokens = np.concatenate([load_shard(f) for f in val_files])[:a.val_tokens or None]
+    tokens = np.concatenate([load_shard(f, a.vocab_size) for f in val_files])[:a.val_tokens or None]
     if len(tokens) < 2 or tokens.max() >= a.vocab_size:
         raise ConfigError(f"DATA_PATH={a.data_path!r}: the val shards hold {len(tokens)} tokens, max id "
                           f"{tokens.max(initial=0)} (VOCAB_SIZE={a.vocab_size}); fix: use shards made with the "
@@ -1720,7 +1863,7 @@ def run(a, ctx, run_id, code_bytes):
             ctx.log(f"gptq_calib: train, {n_cal * ctx.world} sequences in {cal:.1f}s; training {train_ms / 1000:.1f}s "
                     f"+ calibration = {train_ms / 1000 + cal:.1f}s of the {a.max_wallclock_seconds:g}s cap")
         state = {k: v.detach().float() for k, v in model.state_dict().items()}
-        on_main(ctx, lambda: Path(str(log_base) + ".prequant.pgz").write_bytes(encode_artifact(
+        on_main(ctx, lambda: write_atomic(f"{log_base}.prequant.pgz", encode_artifact(
             [(k, "fp32", v.cpu().numpy()) for k, v in state.items()], "none", "prequant", a.arch())))
         ctx.log(f"prequant_path: {log_base}.prequant.pgz")
         if a.gptq_calib == "selfgen":
@@ -1767,23 +1910,20 @@ def write_submission(a, ctx, run_id, results, code_bytes, model_bytes, header, s
                results={k: dict(val_loss=v[0], val_bpb=v[1], seconds=round(v[2], 2), method=method.get(k, k),
                                 legal=k in LEGAL) for k, v in results.items()})
     path = Path(a.log_dir) / f"{run_id}.submission.json"
-    path.write_text(json.dumps(sub, indent=2) + "\n")
+    write_atomic(path, sub)
     ctx.log(f"submission: {path} val_bpb:{sub['val_bpb']:.8f} ({metric}: {method[metric]})")
 
 def main():
     code_bytes = len(Path(__file__).read_bytes())
-    rank0, status = os.environ.get("RANK", "0") == "0", 0
+    rank0, status, ctx = os.environ.get("RANK", "0") == "0", 0, None
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops a run as Ctrl-C does
     try:
         a = Settings()
         typos = warn_env_typos()
         rank, world, local, device = setup_distributed()
-        stamp = [os.environ.get("RUN_ID") or datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")]
-        if world > 1:
-            dist.broadcast_object_list(stamp, src=0)
-        run_id = stamp[0]
-        Path(a.log_dir).mkdir(parents=True, exist_ok=True)
+        ctx = Ctx(rank, world, local, device)
+        run_id = on_main(ctx, lambda: open_run(a, ctx, code_bytes))
         a.artifact = a.artifact or str(Path(a.log_dir) / f"{run_id}.int6.pgz")
-        ctx = Ctx(rank, world, local, device, Path(a.log_dir) / f"{run_id}.txt")
         for t in typos:
             ctx.log(t)
         ctx.log(f"run_id:{run_id} mode:{'eval_only' if a.eval_only else 'train'} world:{world} device:{device} "
@@ -1791,10 +1931,12 @@ def main():
         ctx.log("settings: " + " ".join(f"{n}={','.join(map(str, v)) if isinstance(v, list) else v}"
                                         for n, v in ((n, getattr(a, n.lower())) for n, *_ in SETTINGS)))
         run(a, ctx, run_id, code_bytes)
-    except ConfigError as e:
+    except (ConfigError, OSError, KeyboardInterrupt) as e:
         if rank0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        status = 2
+            print(f"error: {error_text(e)}", file=sys.stderr, flush=True)
+        if ctx and ctx.log_file:  # a failed run's log says why
+            print(f"error: {error_text(e)}", file=ctx.log_file, flush=True)
+        status = 130 if isinstance(e, KeyboardInterrupt) else 2
     except BaseException:
         traceback.print_exc()
         status = 1

@@ -132,8 +132,8 @@ def test_blocking_loader_gives_the_same_batches(tmp_path):
     bench.write_shard(tmp_path / "fineweb_train_000000.bin", tokens)
     files = tg.find_shards(tmp_path, "train")
     for rank in (0, 1):
-        fast = tg.TrainLoader(files, rank, 2, torch.device("cpu"))
-        slow = tg.TrainLoader(files, rank, 2, torch.device("cpu"))
+        fast = tg.TrainLoader(files, rank, 2, torch.device("cpu"), 1024)
+        slow = tg.TrainLoader(files, rank, 2, torch.device("cpu"), 1024)
         for _ in range(3):
             for x, y in zip(fast.next_batch(256, 64), bench.next_batch_blocking(slow, 256, 64)):
                 assert torch.equal(x, y)

@@ -525,7 +525,7 @@ def test_shard_token_count_good(tmp_path):
     toks = np.arange(1000) % 1024
     path = write_shard(tmp_path / "fineweb_train_000000.bin", toks)
     assert tg.shard_token_count(str(path)) == 1000
-    assert tg.load_shard(str(path)).tolist() == toks.tolist()
+    assert tg.load_shard(str(path), 1024).tolist() == toks.tolist()
 
 
 @pytest.mark.parametrize("kind", ["magic", "version", "truncated", "too_long", "tiny"])
