@@ -171,7 +171,7 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory, TOY):
-    """An fp32 artifact of a perturbed toy record-architecture model (no training needed)."""
+    """An fp32 (prequant-format) artifact of a perturbed toy record-architecture model (no training needed)."""
     cfg = tg.Settings(dict(TOY)).arch()
     torch.manual_seed(0)
     model = tg.GPT(cfg)
@@ -180,7 +180,7 @@ def artifact(tmp_path_factory, TOY):
             q.add_(0.05 * torch.randn_like(q))
     path = tmp_path_factory.mktemp("ttt_art") / "toy.pgz"
     path.write_bytes(tg.encode_artifact([(k, "fp32", v.numpy()) for k, v in model.state_dict().items()], "none",
-                                        "toy", cfg))
+                                        "prequant", cfg))
     return path
 
 
