@@ -80,15 +80,17 @@ toy_defaults() {  # the record architecture at toy size on the embedded corpus; 
 cmd=${1:-help}
 shift || true
 case "$cmd" in
-  smoke)  # train + export + round trip + sliding + SLOT (scored), then an eval-only run of causal SLOT
+  smoke)  # train + export + round trip + sliding + SLOT (scored); then, eval-only on that artifact, the legal evals:
+    # sliding, causal SLOT and score-first TTT (toy TTT settings: rank 8, lr 0.01, windows of 128, 40 prefix docs)
     ensure_deps
     toy_defaults
     run=${RUN_ID:-smoke}
     rm -f "${LOG_DIR:-logs}/$run".{txt,int6.pgz,prequant.pgz,submission.json} \
-      "${LOG_DIR:-logs}/${run}_causal".{txt,submission.json}  # reuse on purpose: a run never replaces another's files
+      "${LOG_DIR:-logs}/${run}_legal".{txt,submission.json}  # reuse on purpose: a run never replaces another's files
     RUN_ID=$run python train_gpt.py
-    RUN_ID=${run}_causal EVAL_ONLY=1 ARTIFACT=${LOG_DIR:-logs}/$run.int6.pgz SLOT_MODE=causal SLIDING_ENABLED=0 \
-      python train_gpt.py
+    RUN_ID=${run}_legal EVAL_ONLY=1 ARTIFACT=${LOG_DIR:-logs}/$run.int6.pgz SLOT_MODE=causal TTT_ENABLED=1 \
+      TTT_LR=${TTT_LR:-0.01} TTT_LORA_RANK=${TTT_LORA_RANK:-8} TTT_EVAL_SEQ_LEN=${TTT_EVAL_SEQ_LEN:-128} \
+      PHASED_TTT_PREFIX_DOCS=${PHASED_TTT_PREFIX_DOCS:-40} python train_gpt.py
     ;;
   record)  # the record configuration on all local GPUs, after a preflight (PREFLIGHT=0 skips it)
     seed=${1:-${SEED:-1337}}
