@@ -192,13 +192,16 @@ class Settings:
         if not any([self.sweep_slot_mode, self.sweep_slot_steps, self.sweep_slot_lr, self.sweep_slot_lr_min,
                     self.sweep_eval_stride]):
             return []
-        return [dict(mode=m, delta=self.slot_delta, steps=n, lr=lr, lr_min=lo, eps=self.slot_eps, wd=self.slot_wd,
-                     stride=s)
+        return [self.slot_point(mode=m, steps=n, lr=lr, lr_min=lo, stride=s)
                 for s in self.sweep_eval_stride or [self.eval_stride]
                 for m in self.sweep_slot_mode or [self.slot_mode]
                 for n in self.sweep_slot_steps or [self.slot_steps]
                 for lr in self.sweep_slot_lr or [self.slot_lr]
                 for lo in self.sweep_slot_lr_min or [self.slot_lr_min]]
+
+    def slot_point(self, **kw):
+        return dict(dict(mode=self.slot_mode, delta=self.slot_delta, steps=self.slot_steps, lr=self.slot_lr,
+                         lr_min=self.slot_lr_min, eps=self.slot_eps, wd=self.slot_wd, stride=self.eval_stride), **kw)
 
     def ttt_point(self, **kw):
         return dict(dict(rank=self.ttt_lora_rank, targets=self.ttt_lora_targets, lr=self.ttt_lr,
@@ -1700,9 +1703,7 @@ def final_evals(a, ctx, model, val, results, label):
     results["roundtrip"] = r = evaluate(ctx, model, val, L, L, a.eval_batch, label="round-trip eval")[0]
     ctx.log(f"final_{label}_roundtrip_exact val_loss:{r[0]:.8f} val_bpb:{r[1]:.8f} eval_time:{r[2]:.1f}s")
     grid = a.sweep_grid()
-    slot = [] if grid or not a.slot_enabled else [dict(mode=a.slot_mode, delta=a.slot_delta, steps=a.slot_steps,
-                                                       lr=a.slot_lr, lr_min=a.slot_lr_min, eps=a.slot_eps,
-                                                       wd=a.slot_wd, stride=a.eval_stride)]
+    slot = [] if grid or not a.slot_enabled else [a.slot_point()]
     rows = []
     for stride in sorted({p["stride"] for p in grid + slot} | ({a.eval_stride} if a.sliding_enabled else set())):
         plain = bool(grid) or (a.sliding_enabled and stride == a.eval_stride)
@@ -1835,10 +1836,9 @@ def run(a, ctx, run_id, code_bytes):
     val_files = find_shards(a.data_path, "val")
     train_files = None if a.eval_only else find_shards(a.data_path, "train")
     tokens = np.concatenate([load_shard(f, a.vocab_size) for f in val_files])[:a.val_tokens or None]
-    if len(tokens) < 2 or tokens.max() >= a.vocab_size:
-        raise ConfigError(f"DATA_PATH={a.data_path!r}: the val shards hold {len(tokens)} tokens, max id "
-                          f"{tokens.max(initial=0)} (VOCAB_SIZE={a.vocab_size}); fix: use shards made with the "
-                          "TOKENIZER_PATH tokenizer")
+    if len(tokens) < 2:  # token ids were checked by load_shard
+        raise ConfigError(f"DATA_PATH={a.data_path!r}: the val shards hold {len(tokens)} tokens, no target to score; "
+                          "fix: use the full val shards, or VAL_TOKENS=0 or >= 2")
     val = (tokens, target_bytes(tokens, byte_tables(sp, a.vocab_size)))
     ctx.log(f"val_loader: tokens:{len(tokens)} bytes:{int(val[1].sum())}")
     results, steps, train_ms = {}, 0, 0.0

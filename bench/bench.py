@@ -185,8 +185,7 @@ def measure(a, ctx, files, val, train=True):
     if ctx.device.type == "cuda" and a.compile:
         model.eval_hidden = torch.compile(model.forward_hidden, dynamic=False)
     L, S = a.eval_seq_len, a.eval_stride
-    slot = dict(mode="scored", delta="window", steps=a.slot_steps, lr=a.slot_lr, lr_min=a.slot_lr_min,
-                eps=a.slot_eps, wd=a.slot_wd)
+    slot = a.slot_point(mode="scored")
     warm = (val[0][:L * 4 + 1], val[1][:L * 4])
     tg.evaluate(ctx, model, warm, L, S, a.eval_batch)  # compile outside the timed runs
     tg.evaluate(ctx, model, warm, L, S, a.slot_batch, [slot])
