@@ -10,7 +10,18 @@ ensure_deps() {  # a fresh machine: install what requirements.txt names, once; a
     -r requirements.txt
 }
 
-gpus() { python -c "import torch; print(torch.cuda.device_count())"; }
+gpus() {  # torch's GPU count; refuses a GPU box whose GPUs torch cannot see, rather than train on its CPU for hours
+  local n listed
+  n=$(python -c "import torch; print(torch.cuda.device_count())")
+  listed=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU ' || true)
+  if [ "$n" -eq 0 ] && [ "$listed" -gt 0 ]; then
+    echo "error: nvidia-smi lists $listed GPU(s) but torch $(python -c 'import torch; print(torch.__version__)') sees" \
+      "none (a CPU-only wheel, or a driver too old for the wheel's CUDA); fix: install a CUDA build of torch that the" \
+      "driver supports (README: Installing on a GPU box), then check python -c 'import torch; print(torch.cuda.is_available())'" >&2
+    return 2
+  fi
+  echo "$n"
+}
 
 launch() {  # torchrun on every local GPU; plain python on a CPU-only machine; arguments prefix the command
   local n
@@ -43,14 +54,14 @@ preflight() {  # every phase of the run at toy size, same launcher and settings 
     TRAIN_BATCH_TOKENS=$((world * 1024)) GRAD_ACCUM_STEPS=1 ITERATIONS=8 WARMUP_STEPS=2 WARMDOWN_ITERS=8 \
     WARMDOWN_FRAC=0 MAX_WALLCLOCK_SECONDS=120 GPTQ_RESERVE_SECONDS=1 VAL_LOSS_EVERY=4 TRAIN_LOG_EVERY=4 SWA_EVERY=2 \
     EVAL_SEQ_LEN=128 EVAL_STRIDE=32 VAL_TOKENS=16384 SLOT_STEPS=2 GPTQ_CALIB_BATCHES="$world" \
-    timeout "${PREFLIGHT_TIMEOUT:-300}" >"$out" 2>&1 || rc=$?
+    timeout "${PREFLIGHT_TIMEOUT:-600}" >"$out" 2>&1 || rc=$?
   if [ "$rc" -eq 0 ]; then
     echo "preflight: passed in $((SECONDS - start))s (log $dir/${run}_preflight.txt)"
     return 0
   fi
   why=$(grep -h '^error: ' "$out" | tail -n 1 | sed 's/^error: //' || true)
   if [ "$rc" -eq 124 ]; then
-    why="it did not finish within ${PREFLIGHT_TIMEOUT:-300}s; fix: see where $out stops (compile, NCCL, data)"
+    why="it did not finish within ${PREFLIGHT_TIMEOUT:-600}s; fix: see where $out stops (compile, NCCL, data)"
   elif [ -z "$why" ]; then
     why="exit status $rc; fix: read the traceback in $out"
   fi

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib, copy, difflib, glob, hashlib, importlib, json, lzma, math, os, re, signal, struct, sys, time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -110,17 +111,22 @@ SETTINGS = [
     ("SWEEP_SLOT_LR_MIN", [], "floats", "sweep grid: SLOT final lr"),
     ("SWEEP_EVAL_STRIDE", [], "ints", "sweep grid: strides (hidden states are recomputed per stride)"),
     ("TTT_ENABLED", False, "bool", "run the score-first TTT evaluation (per-document LoRA + phased global SGD)"),
-    ("TTT_LORA_RANK", 96, "int", "rank of the per-document LoRA adapters"),
-    ("TTT_LORA_TARGETS", ["q", "k", "v", "o", "mlp", "head"], "strs", "LoRA targets, any of q,k,v,o,mlp,head"),
-    ("TTT_LR", 0.0001, "float", "AdamW lr of the LoRA adapters (betas 0, 0.999)"),
+    ("TTT_LORA_RANK", 80, "int", "rank of the per-document LoRA adapters"),
+    ("TTT_LORA_ALPHA", 144.0, "float", "LoRA scale numerator: the adapters add alpha/rank x A B"),
+    ("TTT_LORA_TARGETS", ["q", "k", "v", "o", "mlp", "head"], "strs", "LoRA targets, any of q,k,v,o,mlp,head (o and "
+     "mlp: side paths from the attention / MLP input)"),
+    ("TTT_WARM_A", True, "bool", "keep each batch slot's trained A for the slot's next document (0: one fixed A)"),
+    ("TTT_LR", 0.0001, "float", "AdamW lr of the LoRA adapters (betas 0, TTT_BETA2)"),
+    ("TTT_BETA2", 0.99, "float", "AdamW beta2 of the LoRA adapters"),
+    ("TTT_EPS", 1e-10, "float", "AdamW eps of the LoRA adapters"),
     ("TTT_WEIGHT_DECAY", 0.5, "float", "AdamW decoupled weight decay of the LoRA adapters"),
     ("TTT_CHUNK_SIZE", 48, "int", "tokens of a document scored before its adapters train on them"),
     ("TTT_GRAD_STEPS", 1, "int", "adapter steps per scored chunk (0: score per document without adapting)"),
     ("TTT_BATCH_SIZE", 64, "int", "documents adapted side by side, each with its own adapters"),
     ("TTT_EVAL_SEQ_LEN", 2048, "int", "longest context window inside a document (and global TTT sequence length)"),
     ("PHASED_TTT_NUM_PHASES", 3, "int", "global TTT boundaries, spread over PHASED_TTT_PREFIX_DOCS (0: off)"),
-    ("PHASED_TTT_PREFIX_DOCS", 2000, "int", "documents over which the global TTT boundaries are spread"),
-    ("GLOBAL_TTT_LR", 0.001, "float", "SGD lr of the base weights at each boundary"),
+    ("PHASED_TTT_PREFIX_DOCS", 2500, "int", "documents over which the global TTT boundaries are spread"),
+    ("GLOBAL_TTT_LR", 0.001, "float", "SGD lr of the base weights at each boundary, cosine-decayed to 0 over it"),
     ("GLOBAL_TTT_MOMENTUM", 0.9, "float", "SGD momentum of global TTT"),
     ("GLOBAL_TTT_EPOCHS", 1, "int", "passes over the scored documents at each boundary"),
     ("GLOBAL_TTT_CHUNK", 32768, "int", "tokens per global SGD step, all ranks together"),
@@ -141,8 +147,7 @@ KIND_TEXT = {"int": "an integer", "float": "a number", "bool": "0 or 1", "ints":
 MAX_PARAMS = 1 << 30  # 4 GiB of fp32 weights: far above the record model (27M), far below a memory bomb
 TORCHRUN = (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"))  # checked as ints
 
-LORA_TARGETS = {"q": ["attn.q"], "k": ["attn.k"], "v": ["attn.v"], "o": ["attn.proj"], "mlp": ["mlp.fc", "mlp.proj"],
-                "head": []}
+LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")
 
 class ConfigError(Exception):
     """A bad setting or input file; main() prints it as one line and exits 2."""
@@ -204,7 +209,8 @@ class Settings:
                          lr_min=self.slot_lr_min, eps=self.slot_eps, wd=self.slot_wd, stride=self.eval_stride), **kw)
 
     def ttt_point(self, **kw):
-        return dict(dict(rank=self.ttt_lora_rank, targets=self.ttt_lora_targets, lr=self.ttt_lr,
+        return dict(dict(rank=self.ttt_lora_rank, alpha=self.ttt_lora_alpha, targets=self.ttt_lora_targets,
+                         warm_a=self.ttt_warm_a, lr=self.ttt_lr, beta2=self.ttt_beta2, eps=self.ttt_eps,
                          wd=self.ttt_weight_decay, chunk=self.ttt_chunk_size, steps=self.ttt_grad_steps,
                          batch=self.ttt_batch_size, seq_len=self.ttt_eval_seq_len, phases=self.phased_ttt_num_phases,
                          prefix_docs=self.phased_ttt_prefix_docs, global_lr=self.global_ttt_lr,
@@ -236,7 +242,7 @@ class Settings:
                          "TRAIN_LOG_EVERY EVAL_SEQ_LEN EVAL_STRIDE EVAL_BATCH SLOT_BATCH SLOT_EPS MUON_BACKEND_STEPS "
                          "SWA_EVERY GPTQ_BLOCK ADAM_EPS GPTQ_CALIB_BATCHES SIZE_LIMIT_BYTES BIGRAM_DIM VE_DIM "
                          "ROPE_BASE LOGIT_SOFTCAP GPTQ_TEMPERATURE GPTQ_DAMP TTT_LORA_RANK TTT_CHUNK_SIZE "
-                         "TTT_BATCH_SIZE TTT_EVAL_SEQ_LEN GLOBAL_TTT_CHUNK"),
+                         "TTT_BATCH_SIZE TTT_EVAL_SEQ_LEN GLOBAL_TTT_CHUNK TTT_LORA_ALPHA TTT_EPS"),
                  ">= 0": (lambda v: v >= 0, "WARMUP_STEPS WARMDOWN_ITERS MAX_WALLCLOCK_SECONDS VAL_LOSS_EVERY "
                           "VAL_TOKENS ROPE_DIMS XSA_LAST_N BIGRAM_VOCAB_SIZE TIED_EMBED_LR HEAD_LR MATRIX_LR "
                           "SCALAR_LR MUON_WD MUON_MOMENTUM_WARMUP_STEPS ADAM_WD GRAD_CLIP_NORM GPTQ_RESERVE_SECONDS "
@@ -245,7 +251,7 @@ class Settings:
                           "PHASED_TTT_NUM_PHASES PHASED_TTT_PREFIX_DOCS GLOBAL_TTT_LR GLOBAL_TTT_EPOCHS "
                           "GLOBAL_TTT_GRAD_CLIP"),
                  "in [0, 1)": (lambda v: 0 <= v < 1, "MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 EMA_DECAY "
-                               "GLOBAL_TTT_MOMENTUM"),
+                               "GLOBAL_TTT_MOMENTUM TTT_BETA2"),
                  "in [0, 1]": (lambda v: 0 <= v <= 1, "SWA_LR_THRESHOLD LATE_QAT_THRESHOLD WARMDOWN_FRAC"),
                  "<= 1024": (lambda v: v <= 1024, "NUM_LAYERS NUM_HEADS MLP_MULT MUON_BACKEND_STEPS"),
                  "<= 65536": (lambda v: v <= 65536, "VOCAB_SIZE MODEL_DIM BIGRAM_DIM VE_DIM TRAIN_SEQ_LEN EVAL_SEQ_LEN "
@@ -371,19 +377,24 @@ def find_shards(data_path, split):
         shard_token_count(f)
     return files
 
+SHARD_READER = ThreadPoolExecutor(1)  # the next train shard is read while the GPU trains (~1 % of the time)
+
 class TrainLoader:
     """Reads the train shards in order; each call takes one global micro-batch and keeps this rank's slice."""
 
     def __init__(self, files, rank, world, device, vocab_size):
         self.files, self.rank, self.world, self.device, self.vocab = files, rank, world, device, vocab_size
         self.file_idx, self.pos, self.tokens = 0, 0, load_shard(files[0], vocab_size)
+        self.next = SHARD_READER.submit(load_shard, files[1 % len(files)], vocab_size)
 
     def _take(self, n):
         parts = []
         while n > 0:
             if self.pos == len(self.tokens):
                 self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.pos, self.tokens = 0, load_shard(self.files[self.file_idx], self.vocab)
+                self.pos, self.tokens = 0, self.next.result()
+                self.next = SHARD_READER.submit(load_shard, self.files[(self.file_idx + 1) % len(self.files)],
+                                                self.vocab)
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
@@ -457,38 +468,53 @@ def fake_quant_int6(w):
 QAT = False  # late QAT; a global, which torch.compile guards (torch 2.11 missed a flipped nn.Module class attribute)
 
 def lora_delta(x, lora):
-    """Batched low-rank delta: row b of x [B, T, in] gets (x_b A_b^T) B_b^T, A [B, r, in], B [B, out, r]."""
-    A, B = lora
-    return (x @ A.mT.to(x.dtype)) @ B.mT.to(x.dtype)
+    """TTT's batched low-rank delta: row b of x [B, T, in] gets s (x_b A_b^T) B_b^T, A [B, r, in], B [B, out, r]."""
+    A, B, s = lora
+    return (x @ A.mT.to(x.dtype)) @ B.mT.to(x.dtype) * s
+
+def plus_lora(y, x, lora):
+    return y if lora is None else y + lora_delta(x, lora)
 
 class CastedLinear(nn.Linear):
-    """fp32 master weight cast to the activation dtype; block matrices train through int6 once late QAT starts.
-    `lora` is None except while TTT attaches per-document adapters (A, B)."""
+    """fp32 master weight cast to the activation dtype; block matrices train through int6 once late QAT starts."""
 
     def __init__(self, n_in, n_out, quantized=False):
         super().__init__(n_in, n_out, bias=False)
-        self.quantized, self.lora = quantized, None
+        self.quantized = quantized
 
-    def forward(self, x):
+    def forward(self, x, lora=None):
         w = fake_quant_int6(self.weight) if (self.quantized and QAT) else self.weight
-        y = F.linear(x, w.to(x.dtype))
-        return y if self.lora is None else y + lora_delta(x, self.lora)
+        return plus_lora(F.linear(x, w.to(x.dtype)), x, lora)
 
 def _attention_kernel():
     for module, name in (("flash_attn_interface", "flash-attn-3"), ("flash_attn", "flash-attn-2")):
         with contextlib.suppress(ImportError):
-            return name, importlib.import_module(module).flash_attn_func
-    return "sdpa", None
+            m = importlib.import_module(module)
+            return name, m.flash_attn_func, m.flash_attn_varlen_func
+    return "sdpa", None, None
 
-ATTN_NAME, ATTN_FN = _attention_kernel()
+ATTN_NAME, ATTN_FN, ATTN_VARLEN_FN = _attention_kernel()
 
-def causal_attention(q, k, v):
-    """q [B,T,H,D], k/v [B,T,KV,D]; GQA without repeating K/V."""
-    if ATTN_FN is not None and q.is_cuda:
-        out = ATTN_FN(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       enable_gqa=q.size(2) != k.size(2))
+def flash_out(out):
+    return out[0] if isinstance(out, tuple) else out
+
+def causal_attention(q, k, v, doc=None):
+    """q [B,T,H,D], k/v [B,T,KV,D]; GQA without repeating K/V. With doc [B,T] (document index of each position),
+    a position attends only to its own document: flash-attn's variable-length kernel on CUDA where installed,
+    else SDPA with a block-diagonal causal mask."""
+    B, T = q.shape[:2]
+    if ATTN_FN is not None and q.is_cuda and doc is None:
+        return flash_out(ATTN_FN(q, k, v, causal=True))
+    if ATTN_VARLEN_FN is not None and q.is_cuda:  # segments start at each row and each document; T bounds them
+        new = torch.ones_like(doc, dtype=torch.bool)
+        new[:, 1:] = doc[:, 1:] != doc[:, :-1]
+        cu = F.pad(new.flatten().nonzero()[:, 0], (0, 1), value=B * T).to(torch.int32)
+        out = ATTN_VARLEN_FN(*(t.flatten(0, 1) for t in (q, k, v)), cu, cu, T, T, causal=True)
+        return flash_out(out).view_as(q)
+    mask = None if doc is None else (doc[:, None, :, None] == doc[:, None, None, :]) & torch.ones(
+        T, T, dtype=torch.bool, device=q.device).tril()
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=doc is None, enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
 
 def apply_rope(x, cos, sin, dims):
@@ -519,20 +545,22 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((self.h,), float(c["QK_GAIN_INIT"])))
         self.use_xsa = layer >= c["NUM_LAYERS"] - c["XSA_LAST_N"]
 
-    def forward(self, x, cos, sin, ve):
+    def forward(self, x, cos, sin, ve, doc=None, lora=None):
+        """lora: TTT's adapters by target; q, k, v on their inputs, o as a side path from the block input x."""
         B, T, _ = x.shape
-        v = self.v(x)
+        lora = lora or {}
+        v = self.v(x, lora.get("v"))
         if ve is not None:
             v = v + ve.to(v.dtype)
-        q = rms_norm(self.q(x).view(B, T, self.h, self.hd))
-        k = rms_norm(self.k(x).view(B, T, self.kv, self.hd))
+        q = rms_norm(self.q(x, lora.get("q")).view(B, T, self.h, self.hd))
+        k = rms_norm(self.k(x, lora.get("k")).view(B, T, self.kv, self.hd))
         q = apply_rope(q, cos, sin, self.rope_dims) * self.q_gain.to(q.dtype)[:, None]
         k = apply_rope(k, cos, sin, self.rope_dims)
         v = v.view(B, T, self.kv, self.hd)
-        y = causal_attention(q.to(v.dtype), k.to(v.dtype), v)
+        y = causal_attention(q.to(v.dtype), k.to(v.dtype), v, doc)
         if self.use_xsa:
             y = xsa(y, v)
-        return self.proj(y.reshape(B, T, self.h * self.hd))
+        return plus_lora(self.proj(y.reshape(B, T, self.h * self.hd)), x, lora.get("o"))
 
 class MLP(nn.Module):
     def __init__(self, c):
@@ -542,8 +570,8 @@ class MLP(nn.Module):
         self.proj = CastedLinear(c["MLP_MULT"] * d, d, quantized=True)
         self.slope = c["MLP_LEAKY_SLOPE"]
 
-    def forward(self, x):
-        return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
+    def forward(self, x, lora=None):  # lora: TTT's side path from the MLP input
+        return plus_lora(self.proj(F.leaky_relu(self.fc(x), self.slope).square()), x, lora)
 
 class Block(nn.Module):
     def __init__(self, c, layer):
@@ -555,11 +583,11 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
         self.in_scale = 1.0 / math.sqrt(layer + 1) if c["LN_SCALE"] else 1.0
 
-    def forward(self, x, x0, cos, sin, ve):
+    def forward(self, x, x0, cos, sin, ve, doc=None, lora=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.in_scale, cos, sin, ve)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.in_scale)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.in_scale, cos, sin, ve, doc, lora)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.in_scale, (lora or {}).get("mlp"))
 
 def bigram_rows(ids, rows):
     """Hash of (previous, current) token; position 0 has no previous token and uses the last row."""
@@ -628,7 +656,7 @@ class GPT(nn.Module):
         self.ve_layers = list(c["VE_LAYERS"]) if c["VE_ENABLED"] else []
         self.ve = ValueEmbedding(V, c["VE_DIM"], kv_dim, len(self.ve_layers)) if self.ve_layers else None
         self.lm_head = None if c["TIE_EMBEDDINGS"] else CastedLinear(d, V)
-        self.head_lora = None  # TTT's per-document adapters of the output head
+        self.slots = list(range(L))  # the physical layer of each slot of the forward
         half = self.rope_dims // 2
         self.register_buffer("inv_freq", 1.0 / rope_base(c) ** (torch.arange(half) / max(half, 1)), persistent=False)
         self._init_weights(c["TIED_EMBED_INIT_STD"])
@@ -656,8 +684,10 @@ class GPT(nn.Module):
     def head_weight(self):
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward_hidden(self, ids):
-        """Final hidden states (after the final norm), [B, T, d]."""
+    def forward_hidden(self, ids, lora=None, doc_mask=False):
+        """Final hidden states (after the final norm), [B, T, d]. lora: TTT's adapters (TTTAdapters) or None.
+        doc_mask: positions attend only to their own document (a BOS starts one)."""
+        doc = torch.cumsum(ids == BOS_ID, 1) if doc_mask else None
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids).to(x.dtype)
@@ -677,27 +707,27 @@ class GPT(nn.Module):
                 gate = None if self.skip_gates is None else torch.sigmoid(self.skip_gates[k]).to(x.dtype)
                 x = x + s if gate is None else torch.lerp(x, s, gate)
             ve_i = ve * self.ve.layer_scales[self.ve_layers.index(i)].to(ve.dtype) if i in self.ve_layers else None
-            x = block(x, x0, cos, sin, ve_i)
+            x = block(x, x0, cos, sin, ve_i, doc, lora and lora.slot(i))
             if i < self.n_enc:
                 skips.append(x)
         return rms_norm(x)
 
-    def logits(self, h, bias=None):
-        if self.head_lora is not None:
-            delta = lora_delta(h, self.head_lora)
-            bias = delta if bias is None else bias + delta
+    def logits(self, h, bias=None, lora=None):
+        if lora is not None:
+            bias = lora_delta(h, lora) if bias is None else bias + lora_delta(h, lora)
         return softcap_logits(h, self.head_weight().to(h.dtype), self.softcap, bias)
 
     def forward(self, ids, targets):
         z = self.logits(self.forward_hidden(ids)).float()
         return F.cross_entropy(z.reshape(-1, z.size(-1)), targets.reshape(-1))
 
-def build_model(config, device):
-    """The model in its training dtypes: embedding tables bf16 on CUDA (as the seeds), everything else fp32. Training
-    and the round trip both build through here, so the quantisation gap is not confounded with a dtype change."""
+def build_model(config, device, train=True):
+    """The model in its training dtypes: embedding tables bf16 on CUDA (as the seeds), everything else fp32. The
+    eval model (train=False) keeps fp32 tables: global TTT's SGD steps (~1e-5) are below half a bf16 step at the
+    tables' scale, and the dequantised int8 rows are not rounded again; autocast still runs the matmuls in bf16."""
     model = GPT(config).to(device)
     for m in model.modules():
-        if isinstance(m, nn.Embedding):
+        if isinstance(m, nn.Embedding) and train:
             m.to(table_dtype(device))
     return model
 
@@ -826,8 +856,8 @@ class Ctx:
 
     def __init__(self, rank, world, local_rank, device):
         self.rank, self.world, self.local_rank, self.device = rank, world, local_rank, device
-        self.main = rank == 0
-        self.log_file = None  # opened by open_run() on rank 0
+        self.main, self.bf16 = rank == 0, device.type == "cuda"  # bf16: autocast (tests turn it on for the CPU)
+        self.log_file, self.graphs = None, 0  # log: opened by open_run() on rank 0
 
     def log(self, msg):
         if self.main:
@@ -845,9 +875,29 @@ class Ctx:
         return t
 
     def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return torch.autocast(self.device.type, torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def compiles(self, phase):
+        """Logs the graphs torch.compile built since the last call (dynamo's counters): a recompile storm shows."""
+        from torch._dynamo.utils import counters
+        n = counters["stats"]["unique_graphs"]
+        self.log(f"compile: {phase} graphs:{n - self.graphs} total:{n}")
+        self.graphs = n
+
+    def mark(self):
+        """A point in the device's work, for seconds() without waiting on it now: a CUDA event, else the clock."""
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def seconds(self, spans):
+        """Total seconds of [(start mark, end mark)]; waits for the device once."""
+        if self.device.type != "cuda":
+            return sum(b - a for a, b in spans)
+        self.sync()
+        return sum(a.elapsed_time(b) for a, b in spans) / 1000
 
 def train(a, ctx, model, train_files, val):
     """Runs the training loop; returns (steps, train_ms, loader). Leaves the final weights (SWA, EMA or raw) in
@@ -957,6 +1007,7 @@ def train(a, ctx, model, train_files, val):
     ctx.log(f"train_done: steps:{step} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms "
             f"tokens_per_s:{tokens / max(train_ms, 1e-9) * 1000:.0f} per_rank:"
             f"{tokens / ctx.world / max(train_ms, 1e-9) * 1000:.0f}" + (f" cap:{budget_ms:.0f}ms" if budget_ms else ""))
+    ctx.compiles("train (warm-up and timed steps)")
     if ctx.device.type == "cuda":
         ctx.log(f"peak_memory: allocated:{torch.cuda.max_memory_allocated() / 2**30:.2f}GiB "
                 f"reserved:{torch.cuda.max_memory_reserved() / 2**30:.2f}GiB")
@@ -1450,35 +1501,53 @@ def window_starts(n_targets, seq_len, stride):
     span = n_targets - seq_len + stride
     return np.arange(max(1, -(-span // stride)) if span > 0 else 1) * stride
 
-def window_batch(val, starts, seq_len, stride, batch, device):
-    """Inputs, targets, scored mask, already-scored (context) mask and target bytes for a batch of windows, padded
-    to `batch` windows with empty masks so that every batch has one shape."""
-    tokens, tbytes = val
-    T = len(tokens) - 1
-    starts = np.concatenate([starts, np.full(batch - len(starts), -1)])
-    pos = np.arange(seq_len)
-    tgt = np.maximum(starts, 0)[:, None] + pos  # target index of each position
-    valid = (tgt < T) & (starts[:, None] >= 0)
-    idx = np.minimum(tgt, T - 1)
-    x = tokens[idx].astype(np.int64)
-    y = tokens[idx + 1].astype(np.int64)
-    score = valid & (pos >= np.where(starts == 0, 0, seq_len - stride)[:, None])
-    context = valid & (pos < seq_len - stride) & (starts[:, None] > 0)
-    t = lambda arr: torch.from_numpy(arr).to(device)
-    return t(x), t(y), t(score), t(context), t(tbytes[idx].astype(np.float64))
+class Val(tuple):
+    """(tokens, target bytes) on the host; on_device() keeps one copy per device."""
 
-def slot_fit(model, h, mask, y, p):
+    def __new__(cls, tokens, tbytes):
+        val = super().__new__(cls, (tokens, tbytes))
+        val.dev = {}
+        return val
+
+def on_device(val, device):
+    """The val tokens (int64) and target bytes (int32) resident on the device, copied once per Val: the evals index
+    them there, with no per-batch host copy or sync."""
+    val = val if isinstance(val, Val) else Val(*val)
+    if device not in val.dev:
+        val.dev[device] = (torch.from_numpy(val[0].astype(np.int64)).to(device),
+                           torch.from_numpy(np.asarray(val[1]).astype(np.int32)).to(device))
+    return val.dev[device]
+
+def window_batch(val, starts, seq_len, stride, batch, device):
+    """Inputs, targets, scored mask, already-scored (context) mask and target bytes for a batch of windows, built on
+    the device and padded to `batch` windows with empty masks so that every batch has one shape."""
+    tokens, tbytes = on_device(val, device)
+    T = len(tokens) - 1
+    starts = torch.as_tensor(starts, device=device)
+    starts = F.pad(starts, (0, batch - len(starts)), value=-1)
+    pos = torch.arange(seq_len, device=device)
+    tgt = starts.clamp_min(0)[:, None] + pos  # target index of each position
+    valid = (tgt < T) & (starts[:, None] >= 0)
+    idx = tgt.clamp_max(T - 1)
+    score = valid & (pos >= torch.where(starts == 0, 0, seq_len - stride)[:, None])
+    context = valid & (pos < seq_len - stride) & (starts[:, None] > 0)
+    return tokens[idx], tokens[idx + 1], score, context, tbytes[idx]
+
+def slot_fit(model, h, mask, y, p, span=None):
     """SLOT: a delta on the final hidden state and a logit bias (zero-init; per window, or one per batch) fitted by
     AdamW (eps, weight decay from the point) with a cosine lr on the mean NLL of the masked positions. Logits are
-    projected only over the span of columns that hold masked positions (the scored tail, or the context), with
-    the deltas broadcast over it: no per-position gather or indexed-add backward. Returns delta [n, d], bias [n, V]."""
+    projected only over the span [c0, c1) of columns that hold masked positions (the scored tail, or the context;
+    evaluate() knows it without a sync), with the deltas broadcast over it: no per-position gather or indexed-add
+    backward. Returns delta [n, d], bias [n, V]."""
     n = h.size(0) if p["delta"] == "window" else 1
     W = model.head_weight().detach().float()
     delta = torch.zeros(n, 1, h.size(-1), device=h.device, requires_grad=True)
     bias = torch.zeros(n, 1, W.size(0), device=h.device, requires_grad=True)
-    cols = mask.any(0).nonzero()
-    if p["steps"] > 0 and len(cols):
-        c0, c1 = int(cols[0]), int(cols[-1]) + 1
+    if span is None:
+        cols = mask.any(0).nonzero()
+        span = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 0)
+    c0, c1 = span
+    if p["steps"] > 0 and c1 > c0:
         hs, ys, m = h[:, c0:c1], y[:, c0:c1].reshape(-1), mask[:, c0:c1].float()
         m = m / m.sum()
         opt = torch.optim.AdamW([delta, bias], lr=p["lr"], weight_decay=p["wd"], eps=p["eps"])
@@ -1497,49 +1566,53 @@ EVAL_BUDGET_SECONDS = 600.0
 
 def evaluate(ctx, model, val, seq_len, stride, batch, points=(None,), label="eval"):
     """Scores every val target once (windows of seq_len every stride tokens, split across ranks). Each point is
-    None (plain scoring) or a SLOT setting; hidden states are computed once per batch for all points.
-    Returns [(val_loss, val_bpb, seconds)] per point; bpb = sum of nll / ln 2 / sum of bytes, in float64."""
+    None (plain scoring) or a SLOT setting; hidden states are computed once per batch for all points. The data
+    stay on the device, sums are masked (no boolean indexing) and times are CUDA events, so the host never waits
+    on the GPU but for the first batches' projection. Returns [(val_loss, val_bpb, seconds)] per point;
+    bpb = sum of nll / ln 2 / sum of bytes, in float64."""
     hidden = getattr(model, "eval_hidden", model.forward_hidden)
     starts = np.array_split(window_starts(len(val[0]) - 1, seq_len, stride), ctx.world)[ctx.rank]
+    starts_dev = torch.from_numpy(starts).to(ctx.device)
     n_batches = -(-len(starts) // batch)
     sums = torch.zeros(len(points), 3, dtype=torch.float64, device=ctx.device)
-    secs = np.zeros(len(points))
+    spans = [[] for _ in points]
     W = model.head_weight().detach().float()
+    t0 = time.perf_counter()
     for b in range(n_batches):
-        t = time.perf_counter()
-        x, y, score, context, nbytes = window_batch(val, starts[b * batch:(b + 1) * batch], seq_len, stride, batch,
-                                                    ctx.device)
+        m0, mine = ctx.mark(), starts[b * batch:(b + 1) * batch]
+        x, y, score, context, nbytes = window_batch(val, starts_dev[b * batch:(b + 1) * batch], seq_len, stride,
+                                                    batch, ctx.device)
         with torch.no_grad(), ctx.autocast():
             h = hidden(x)
-        h = h.detach().float()
-        rows, cols = score.nonzero(as_tuple=True)
-        ys, nb = y[rows, cols], nbytes[rows, cols]
-        counts = torch.stack([nb.sum(), nb.new_tensor(float(len(nb)))])
-        ctx.sync()
-        secs += time.perf_counter() - t
+        h, m1 = h.detach().float(), ctx.mark()
+        c0 = 0 if mine[0] == 0 else seq_len - stride  # scored columns: [c0, seq_len); context: [0, seq_len - stride)
+        sel, ys = score[:, c0:], y[:, c0:]
+        counts = torch.stack([(nbytes[:, c0:] * sel).sum().double(), sel.sum().double()])
         for i, p in enumerate(points):
-            t = time.perf_counter()
+            m = ctx.mark()
             bias = delta = None
             if p is not None:
-                delta, bias = slot_fit(model, h, score if p["mode"] == "scored" else context, y, p)
-                r = rows if delta.size(0) > 1 else torch.zeros_like(rows)
-                delta, bias = delta[r], bias[r]
+                span = (c0, seq_len) if p["mode"] == "scored" else (0, (seq_len - stride) * bool((mine > 0).any()))
+                delta, bias = slot_fit(model, h, score if p["mode"] == "scored" else context, y, p, span)
+                delta, bias = delta[:, None], bias[:, None]
             with torch.no_grad():
-                hs = h[rows, cols] if delta is None else h[rows, cols] + delta
-                nll = F.cross_entropy(softcap_logits(hs, W, model.softcap, bias), ys, reduction="none")
-            sums[i, 0] += nll.double().sum()
-            sums[i, 1:] += counts
+                hs = h[:, c0:] if delta is None else h[:, c0:] + delta
+                nll = F.cross_entropy(softcap_logits(hs, W, model.softcap, bias).flatten(0, 1), ys.flatten(),
+                                      reduction="none")
+            sums[i] += torch.cat([(nll.view_as(sel).double() * sel).sum()[None], counts])
+            spans[i] += [(m0, m1), (m, ctx.mark())]
+        if b == 0:  # the first batch includes compilation: not projected
             ctx.sync()
-            secs[i] += time.perf_counter() - t
-        if b == 0:
-            first, t_first = secs.sum(), time.perf_counter()  # the first batch includes compilation: not projected
+            first, t_first = time.perf_counter() - t0, time.perf_counter()
         elif b == min(3, n_batches - 1):
+            ctx.sync()
             projected = first + (time.perf_counter() - t_first) / b * (n_batches - 1)
             if projected > EVAL_BUDGET_SECONDS:
                 ctx.log(f"warning: {label} projected to take {projected:.0f}s on this hardware, over the "
                         f"{EVAL_BUDGET_SECONDS:.0f} s evaluation budget ({n_batches} batches per rank)")
     ctx.all_reduce(sums)
-    return [(s[0].item() / s[2].item(), s[0].item() / math.log(2) / s[1].item(), sec) for s, sec in zip(sums, secs)]
+    return [(s[0].item() / s[2].item(), s[0].item() / math.log(2) / s[1].item(), ctx.seconds(sp))
+            for s, sp in zip(sums, spans)]
 
 
 # ----------------------------------------------------------------------------- evaluation: score-first TTT
@@ -1557,129 +1630,197 @@ def ttt_window_tokens(n, chunk, seq_len):
     k = np.minimum(m, k)
     return chunk * k * (k + 1) // 2 + (m - k) * seq_len
 
-def attach_lora(model, p, n, device):
-    """Fresh adapters for n documents on the TTT_LORA_TARGETS; returns [(module, A, B)]. B starts at zero (no
-    effect); A is one fixed draw shared by all documents, so that no result depends on a document's batch slot."""
-    mods = [b.get_submodule(m) for b in model.blocks for t in p["targets"] for m in LORA_TARGETS[t]]
-    gen, out = torch.Generator(device=device).manual_seed(0), []
-    for m in mods + ([model] if "head" in p["targets"] else []):
-        n_out, n_in = model.head_weight().shape if m is model else (m.out_features, m.in_features)
-        A = (torch.rand(p["rank"], n_in, generator=gen, device=device) * 2 - 1) / math.sqrt(n_in)
-        out.append((m, A.expand(n, -1, -1).clone().requires_grad_(),
-                    torch.zeros(n, n_out, p["rank"], device=device, requires_grad=True)))
-    return out
+def to_device(a, device):
+    """A small host array on the device without waiting for the device's queued work (pinned, non-blocking copy)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
-def set_lora(adapters, rows):
-    for m, A, B in adapters:
-        setattr(m, "lora" if isinstance(m, CastedLinear) else "head_lora",
-                None if rows is None else (A[:rows], B[:rows]))
+class TTTAdapters:
+    """Per-document LoRA adapters of every slot and target, banked: A [N, k, r, d] for all k adapters (every input
+    is d wide) and B [N, k_o, o, r] per output width o, so AdamW runs a few large ops. A batch's documents run
+    longest first, so the live and the still-training ones are prefixes: views [:n] (contiguous, one stride for
+    every n) leave finished documents out of the forward and the optimiser. B and the AdamW state start afresh with each document. A is one fixed
+    U(+-1/sqrt(d)) draw for every document (warm_a off), or drawn per batch slot and kept, as trained, from one
+    document to the next in its slot (warm_a on, as the record: A then learned only from documents already scored).
+    AdamW with beta1 = 0, as torch's but stepping only the training prefix; delta = alpha/r x A B."""
 
-def ttt_batch(ctx, model, val, docs, p, on_scored=None):
+    def __init__(self, model, p, N, device):
+        d, r = model.tok_emb.embedding_dim, p["rank"]
+        width = dict(q=d, k=model.blocks[0].attn.k.out_features, v=model.blocks[0].attn.v.out_features, o=d, mlp=d,
+                     head=model.head_weight().size(0))
+        keys = [(s, t) for s in range(len(model.slots)) for t in p["targets"] if t != "head"]
+        keys += [(-1, "head")] * ("head" in p["targets"])
+        count, self.where = {}, {}
+        for i, (s, t) in enumerate(keys):
+            o = width[t]
+            self.where[s, t], count[o] = (i, o, count.get(o, 0)), count.get(o, 0) + 1
+        gen = torch.Generator(device=device).manual_seed(0)
+        draw = lambda n: (torch.rand(n, len(keys), r, d, generator=gen, device=device) * 2 - 1) / math.sqrt(d)
+        self.A0 = draw(1)
+        self.A = draw(N) if p["warm_a"] else self.A0.expand(N, -1, -1, -1).clone()
+        self.B = {o: torch.zeros(N, k, o, r, device=device) for o, k in count.items()}
+        self.vA, self.vB = torch.zeros_like(self.A), {o: torch.zeros_like(b) for o, b in self.B.items()}
+        self.p, self.scale, self.targets = p, p["alpha"] / r, [t for t in p["targets"] if t != "head"]
+
+    def reset(self):
+        """A new document in every slot."""
+        for t in [*self.B.values(), self.vA, *self.vB.values()]:
+            t.zero_()
+        if not self.p["warm_a"]:
+            self.A.copy_(self.A0.expand_as(self.A))
+        self.t = 0
+
+    def open(self, n, train):
+        """Leaf views of the first n documents' adapters for one forward (and backward)."""
+        self.a = self.A[:n].detach().requires_grad_(train)
+        self.b = {o: b[:n].detach().requires_grad_(train) for o, b in self.B.items()}
+
+    def adapter(self, s, t):
+        i, o, j = self.where[s, t]
+        return self.a[:, i], self.b[o][:, j], self.scale
+
+    def slot(self, s):
+        return {t: self.adapter(s, t) for t in self.targets}
+
+    def head(self):
+        return self.adapter(-1, "head") if (-1, "head") in self.where else None
+
+    @torch.no_grad()
+    def step(self, n):
+        """One AdamW step (betas (0, beta2), decoupled weight decay) of the first n documents' adapters."""
+        p, self.t = self.p, self.t + 1
+        c2 = math.sqrt(1 - p["beta2"] ** self.t)
+        for w, g, v in [(self.A, self.a.grad, self.vA)] + [(self.B[o], self.b[o].grad, self.vB[o]) for o in self.B]:
+            w, g, v = w[:n], g[:n], v[:n]
+            v.mul_(p["beta2"]).addcmul_(g, g, value=1 - p["beta2"])
+            w.mul_(1 - p["lr"] * p["wd"]).addcdiv_(g, v.sqrt() / c2 + p["eps"], value=-p["lr"])
+
+def ttt_nll(model, x, y, slot, lora, bf16, keep_logits):
+    """NLL [n, C] of each document's chunk (positions `slot` of its window x): hidden states under bf16 autocast,
+    logits in fp32 as every other eval scores. The unit TTT compiles (dynamic shapes: one graph for all)."""
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+        h = model.forward_hidden(x, lora)
+    z = model.logits(h.gather(1, slot[..., None].expand(-1, -1, h.size(-1))).float(), lora=lora.head())
+    nll = F.cross_entropy(z.flatten(0, 1), y.gather(1, slot).flatten(), reduction="none").view_as(slot)
+    return nll, z if keep_logits else None
+
+TTT_PAD = 64  # window lengths are padded to a multiple of this (positions past the scored ones change nothing)
+
+def ttt_batch(ctx, model, val, docs, p, lora, nll_fn, on_scored=None):
     """Per-document LoRA TTT of a batch of documents: chunk c of every document is scored (context: at most seq_len
     tokens of the same document), and only then do the document's adapters take `steps` AdamW steps on it (the
-    scoring forward doubles as the first step). Losses are per-document means, so documents never interact.
+    scoring forward doubles as the first step). Losses are per-document means, so documents never interact. Index
+    tensors are built on the device and sums are masked: the host never waits on the GPU.
     Returns float64 [sum of nll, sum of bytes, count]."""
-    tokens, tbytes = val
+    tokens, tbytes = on_device(val, ctx.device)
     docs = docs[np.argsort(-docs[:, 1], kind="stable")]  # longest first: live documents are a prefix of the batch
-    starts, lens, C, L = docs[:, 0], docs[:, 1], p["chunk"], p["seq_len"]
-    adapters = attach_lora(model, p, len(docs), ctx.device)
-    opt = torch.optim.AdamW([t for _, A, B in adapters for t in (A, B)], lr=p["lr"], betas=(0.0, 0.999),
-                            weight_decay=p["wd"])
-    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    dev = lambda a: torch.from_numpy(a).to(ctx.device)
-    try:
-        for c in range(-(-int(lens.max()) // C)):
-            n = int((lens > c * C).sum())
-            st, ln = starts[:n, None], lens[:n, None]
-            end = np.minimum((c + 1) * C, ln)
-            ws = np.maximum(end - L, 0)
-            pos = np.minimum(ws + np.arange(int((end - ws).max())), ln - 1)  # past a document's end: masked
-            x, y = dev(tokens[st + pos].astype(np.int64)), dev(tokens[st + pos + 1].astype(np.int64))
-            tgt = c * C + np.arange(C)[None]
-            live = tgt < ln
-            slot = dev(np.minimum(tgt, ln - 1) - ws)
-            live_t, nbytes = dev(live), dev(tbytes[st + np.minimum(tgt, ln - 1)].astype(np.float64))
-            train = p["steps"] > 0 and bool((ln > (c + 1) * C).any())  # a document's last chunk teaches nothing
-            weight = dev((live & (ln > (c + 1) * C)) / live.sum(1, keepdims=True)).float()
-            set_lora(adapters, n)
-            for step in range(max(p["steps"], 1)):
-                with torch.set_grad_enabled(train), ctx.autocast():
-                    h = model.forward_hidden(x)
-                    z = model.logits(h.gather(1, slot[..., None].expand(-1, -1, h.size(-1)))).float()
-                    nll = F.cross_entropy(z.flatten(0, 1), y.gather(1, slot).flatten(), reduction="none").view(n, C)
-                if step == 0:  # the score, final before any update that used these targets
-                    sums += torch.stack([nll.detach().double()[live_t].sum(), nbytes[live_t].sum(),
-                                         live_t.sum().double()])
-                    if on_scored is not None:
-                        on_scored((st + tgt)[live], F.log_softmax(z.detach(), -1)[live_t])
-                if not train:
-                    break
-                opt.zero_grad(set_to_none=True)
-                (nll * weight).sum().backward()
-                opt.step()
-    finally:
-        set_lora(adapters, None)
+    lens, C, L, dev = docs[:, 1], p["chunk"], p["seq_len"], ctx.device
+    st, ln = to_device(docs[:, 0].astype(np.int64), dev), to_device(lens.astype(np.int64), dev)
+    ar = torch.arange(max(C, -(-L // TTT_PAD) * TTT_PAD), device=dev)
+    sums = torch.zeros(3, dtype=torch.float64, device=dev)
+    lora.reset()
+    for c in range(-(-int(lens[0]) // C)):
+        live_n, nt = int((lens > c * C).sum()), int((lens > (c + 1) * C).sum()) * (p["steps"] > 0)
+        n = max(live_n, min(2, len(docs)))  # >= 2 rows: a batch of one would compile its own graph
+        T = -(-min((c + 1) * C, int(lens[0]), L) // TTT_PAD) * TTT_PAD  # the longest window, padded
+        s, l = st[:n, None], ln[:n, None]
+        end = l.clamp_max((c + 1) * C)
+        ws = (end - L).clamp_min(0)
+        pos = torch.minimum(ws + ar[:T], l - 1)  # past a document's end: repeats, never scored
+        tgt = torch.minimum(c * C + ar[:C], l - 1)
+        live = c * C + ar[:C] < l
+        slot, nbytes = tgt - ws, tbytes[s + tgt]
+        weight = (live & (l > (c + 1) * C)) / live.sum(1, keepdim=True).clamp_min(1)
+        x, y = tokens[s + pos], tokens[s + pos + 1]
+        for step in range(max(p["steps"], 1)):
+            lora.open(n, train=p["steps"] > 0)
+            for t in (x, y, slot, lora.a, *lora.b.values()):  # one compiled graph for every batch and window size
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            torch._dynamo.maybe_mark_dynamic(x, 1)
+            with torch.set_grad_enabled(p["steps"] > 0):  # also where no document trains: one compiled graph
+                nll, z = nll_fn(model, x, y, slot, lora, ctx.bf16, bool(on_scored))
+            if step == 0:  # the score, final before any update that used these targets
+                sums += torch.stack([(nll.detach().double() * live).sum(), (nbytes * live).sum().double(),
+                                     live.sum().double()])
+                if on_scored is not None:
+                    mask = (c * C + np.arange(C) < lens[:n, None])
+                    on_scored((docs[:n, :1] + c * C + np.arange(C))[mask], F.log_softmax(z.detach(), -1)[live])
+            if not nt:
+                break
+            (nll * weight).sum().backward()
+            lora.step(nt)
     return sums
 
-def global_sgd(ctx, model, tokens, p, opt):
-    """Phased global TTT: SGD of the base weights over the scored prefix `tokens` (sequences of seq_len tokens,
-    global_chunk tokens per step across ranks; gradients summed over ranks and clipped as one model's)."""
-    L, n, params = p["seq_len"], len(tokens) - 1, list(model.parameters())
+def global_sgd(ctx, model, val, n, p):
+    """Phased global TTT: a fresh SGD (momentum, lr cosine-decayed to 0 over the phase) of the base weights over the
+    scored prefix val[:n + 1] in sequences of seq_len tokens whose attention never crosses a document boundary;
+    global_chunk tokens per step across ranks, gradients summed over ranks and clipped as one model's."""
+    tokens, L, params = on_device(val, ctx.device)[0][:n + 1], p["seq_len"], list(model.parameters())
     seqs, per_step = np.arange(0, n, L), max(1, p["global_chunk"] // L)
+    opt = torch.optim.SGD(params, lr=p["global_lr"], momentum=p["global_momentum"])
+    total, k = p["global_epochs"] * -(-len(seqs) // per_step), 0
     model.requires_grad_(True)
     for _ in range(p["global_epochs"]):
         for i in range(0, len(seqs), per_step):
+            opt.param_groups[0]["lr"] = p["global_lr"] * 0.5 * (1 + math.cos(math.pi * k / total))
+            k += 1
             mine = np.array_split(seqs[i:i + per_step], ctx.world)[ctx.rank]
             if len(mine):
-                pos = mine[:, None] + np.arange(L)
-                x, y = (torch.from_numpy(tokens[np.minimum(pos, n - 1) + o].astype(np.int64)).to(ctx.device)
-                        for o in (0, 1))
+                pos = to_device(mine[:, None] + np.arange(L), ctx.device)
+                x, y = tokens[pos.clamp_max(n - 1)], tokens[pos.clamp_max(n - 1) + 1]
                 with ctx.autocast():
-                    z = model.logits(model.forward_hidden(x)).float()
-                nll = F.cross_entropy(z.flatten(0, 1), y.flatten(), reduction="none")
+                    h = model.forward_hidden(x, doc_mask=True)
+                nll = F.cross_entropy(model.logits(h.float()).flatten(0, 1), y.flatten(), reduction="none")
                 count = sum(min(L, n - s) for s in seqs[i:i + per_step])
-                (nll[torch.from_numpy((pos < n).reshape(-1)).to(ctx.device)].sum() / count).backward()
+                ((nll * (pos < n).flatten()).sum() / count).backward()
             g = ctx.all_reduce(torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).reshape(-1)
                                           for q in params]))
             if p["global_clip"] > 0:
                 g *= torch.clamp(p["global_clip"] / (g.norm() + 1e-6), max=1.0)
             for q, gq in zip(params, g.split([q.numel() for q in params])):
-                q.grad = gq.view_as(q).to(q.dtype)  # CUDA embedding tables are bf16
+                q.grad = gq.view_as(q)
             opt.step()
             opt.zero_grad(set_to_none=True)
     model.requires_grad_(False)
 
-def ttt_evaluate(ctx, model, val, p, on_scored=None, label="TTT eval"):
+def ttt_evaluate(ctx, model, val, p, on_scored=None, label="TTT eval", compiled=False):
     """Score-first TTT over the val documents (SPEC section 9): per-document LoRA (ttt_batch) and, at each of
     `phases` boundaries spread over the first `prefix_docs` documents, global SGD over every document scored so
     far; later documents are scored with the updated base. Documents of a phase are split across ranks. The
-    model's weights are restored at the end. Returns (val_loss, val_bpb, seconds)."""
+    model's weights are restored at the end. compiled: the LoRA forward/backward through torch.compile.
+    Returns (val_loss, val_bpb, seconds)."""
     t0 = time.perf_counter()
     docs = documents(val[0])
     n_pre = min(p["prefix_docs"], len(docs))
     cuts = {round(k * n_pre / p["phases"]) for k in range(1, p["phases"] + 1)} if p["phases"] else set()
     bounds = [0] + sorted(c for c in cuts if 0 < c < len(docs)) + [len(docs)]
     saved = [q.detach().clone() for q in model.parameters()]
-    opt = torch.optim.SGD(model.parameters(), lr=p["global_lr"], momentum=p["global_momentum"])
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
     parts = [lo + np.argsort(-docs[lo:hi, 1], kind="stable")[ctx.rank::ctx.world]
              for lo, hi in zip(bounds[:-1], bounds[1:])]  # longest first, for even batches and ranks
+    batches = [m[i:i + p["batch"]] for m in parts for i in range(0, len(m), p["batch"])]
     work = ttt_window_tokens(docs[:, 1], p["chunk"], p["seq_len"])
-    done, total, n_batches = 0, int(sum(work[m].sum() for m in parts)), 0
+    total, done, n_batches = int(work[np.concatenate(parts)].sum()), 0, 0
+    lora = TTTAdapters(model, p, p["batch"], ctx.device)
+    nll_fn = torch.compile(ttt_nll) if compiled else ttt_nll
     model.requires_grad_(False)
     try:
         for k, mine in enumerate(parts):
             for i in range(0, len(mine), p["batch"]):
-                sums += ttt_batch(ctx, model, val, docs[mine[i:i + p["batch"]]], p, on_scored)
+                sums += ttt_batch(ctx, model, val, docs[mine[i:i + p["batch"]]], p, lora, nll_fn, on_scored)
                 done, n_batches = done + int(work[mine[i:i + p["batch"]]].sum()), n_batches + 1
-                if n_batches == 3:
+                if n_batches == 1:  # the first batch compiles: the projection extrapolates the next ones
                     ctx.sync()
-                    sec = time.perf_counter() - t0
-                    ctx.log(f"ttt_projected: {label} {sec / done * total:.0f}s for {total} window tokens on this rank "
-                            f"({done} in {sec:.1f}s; global steps not included)" + (" warning: over the evaluation "
-                            "budget" if sec / done * total > EVAL_BUDGET_SECONDS else ""))
+                    first, t1, done1 = time.perf_counter() - t0, time.perf_counter(), done
+                if n_batches == min(4, len(batches)):
+                    ctx.sync()
+                    sec = time.perf_counter() - t1
+                    proj = first + (sec / (done - done1) * (total - done1) if done > done1 else 0.0)
+                    ctx.log(f"ttt_projected: {label} {proj:.0f}s for {total} window tokens on this rank (first batch "
+                            f"{first:.1f}s, then {done - done1} in {sec:.1f}s; global steps not included)"
+                            + (" warning: over the evaluation budget" if proj > EVAL_BUDGET_SECONDS else ""))
             if k + 1 < len(parts):  # a boundary: the base learns from every document scored so far
-                global_sgd(ctx, model, val[0][:docs[bounds[k + 1], 0] + 1], p, opt)
+                global_sgd(ctx, model, val, int(docs[bounds[k + 1], 0]), p)
     finally:
         with torch.no_grad():
             for q, s in zip(model.parameters(), saved):
@@ -1726,16 +1867,19 @@ def final_evals(a, ctx, model, val, results, label):
                 rows.append(f"| {p['mode']} | {p['delta']} | {p['steps']} | {p['lr']:g} | {p['lr_min']:g} | "
                             f"{stride} | {r[0]:.6f} | {r[1]:.6f} | {r[2]:.1f} |")
                 ctx.log("sweep_row " + rows[-1])
-    ttt_grid = a.ttt_grid()
+    ctx.compiles("eval (round trip, sliding, SLOT)")
+    ttt_grid, compiled = a.ttt_grid(), a.compile and ctx.device.type == "cuda"
     if a.ttt_enabled and not ttt_grid:
-        results["ttt"] = r = ttt_evaluate(ctx, model, val, a.ttt_point())
+        results["ttt"] = r = ttt_evaluate(ctx, model, val, a.ttt_point(), compiled=compiled)
         ctx.log(f"final_ttt_exact val_loss:{r[0]:.8f} val_bpb:{r[1]:.8f} eval_time:{r[2]:.1f}s "
                 + ttt_desc(a.ttt_point()))
     for p in ttt_grid:
-        r = ttt_evaluate(ctx, model, val, p, label=f"sweep TTT {ttt_desc(p)}")
+        r = ttt_evaluate(ctx, model, val, p, label=f"sweep TTT {ttt_desc(p)}", compiled=compiled)
         rows.append(f"| ttt | rank {p['rank']} chunk {p['chunk']} docs {p['prefix_docs']} | {p['steps']} | "
                     f"{p['lr']:g} | - | - | {r[0]:.6f} | {r[1]:.6f} | {r[2]:.1f} |")
         ctx.log("sweep_row " + rows[-1])
+    if a.ttt_enabled or ttt_grid:
+        ctx.compiles("TTT")
     if rows:
         ctx.log("sweep table:\n| mode | delta | steps | lr | lr_min | stride | val_loss | val_bpb | seconds |\n"
                 "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
@@ -1808,9 +1952,14 @@ def open_run(a, ctx, code_bytes):
     except OSError as e:
         raise ConfigError(f"LOG_DIR={a.log_dir!r} is not a writable folder ({e.strerror}); fix: point LOG_DIR at a "
                           "folder you can write, or move the file in its way") from None
-    outputs = [f"{base}.txt", f"{base}.submission.json"]
+    outputs = [f"{base}.submission.json"]
     outputs += [] if a.eval_only else [a.artifact or f"{base}.int6.pgz", f"{base}.prequant.pgz"]
-    for p in filter(os.path.lexists, outputs):
+    log, note = Path(f"{base}.txt"), None
+    if not any(map(os.path.lexists, outputs)) and log.is_file() and not log.is_symlink() and failed_log(log):
+        kept = next(f"{base}.failed{k}.txt" for k in range(1, 1 << 20) if not os.path.lexists(f"{base}.failed{k}.txt"))
+        os.replace(log, kept)  # a run that failed before writing anything does not keep its RUN_ID
+        note = f"note: {log} was a failed run's log (it wrote no weights, artifact or submission): moved to {kept}"
+    for p in filter(os.path.lexists, outputs + [log]):
         raise ConfigError(f"RUN_ID={run_id!r}: {p} already exists{' as a folder' if Path(p).is_dir() else ''} and a "
                           f"run never replaces another's files; fix: pick another RUN_ID (or ARTIFACT), or delete "
                           f"{base}.* to reuse it on purpose")
@@ -1818,10 +1967,29 @@ def open_run(a, ctx, code_bytes):
         raise ConfigError(f"TARGET_BYTES={a.target_bytes}: the code alone is {code_bytes} bytes, no room for the "
                           "model; fix: raise TARGET_BYTES (the record uses 16000000) or set 0 (no pruning)")
     ctx.log_file = open(f"{base}.txt", "x", encoding="utf-8")  # "x": two runs racing for one RUN_ID cannot share it
+    if note:
+        ctx.log(note)
     return run_id
 
+@contextlib.contextmanager
+def exact_fp32():
+    """TF32 off: GPTQ's Hessians and Cholesky factors in true fp32, as the reference GPTQ computes them."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+def failed_log(path):
+    """A run's log that ends with its `error:` line: the run stopped on it (a running or killed run's does not)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    return bool(lines) and lines[-1].startswith("error: ")
+
 def model_from(config, state, ctx, compile_eval):
-    model = build_model(config, ctx.device)
+    model = build_model(config, ctx.device, train=False)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -1832,6 +2000,7 @@ def model_from(config, state, ctx, compile_eval):
     return model
 
 def run(a, ctx, run_id, code_bytes):
+    t_val = time.perf_counter()
     sp = load_tokenizer(a.tokenizer_path, a.vocab_size)
     val_files = find_shards(a.data_path, "val")
     train_files = None if a.eval_only else find_shards(a.data_path, "train")
@@ -1839,17 +2008,12 @@ def run(a, ctx, run_id, code_bytes):
     if len(tokens) < 2:  # token ids were checked by load_shard
         raise ConfigError(f"DATA_PATH={a.data_path!r}: the val shards hold {len(tokens)} tokens, no target to score; "
                           "fix: use the full val shards, or VAL_TOKENS=0 or >= 2")
-    val = (tokens, target_bytes(tokens, byte_tables(sp, a.vocab_size)))
-    ctx.log(f"val_loader: tokens:{len(tokens)} bytes:{int(val[1].sum())}")
+    val = Val(tokens, target_bytes(tokens, byte_tables(sp, a.vocab_size)))
+    t_val = time.perf_counter() - t_val  # the eval's share of the start-up, counted in eval_total
+    ctx.log(f"val_loader: tokens:{len(tokens)} bytes:{int(val[1].sum())} seconds:{t_val:.1f}")
     results, steps, train_ms = {}, 0, 0.0
     L, log_base = a.eval_seq_len, Path(a.log_dir) / run_id
-    if a.eval_only:
-        header, arrays = read_artifact(a.artifact)
-        for k in sorted(set(a.explicit) & set(ARCH_KEYS)):
-            if header["config"][k] != getattr(a, k.lower()):
-                ctx.log(f"warning: {k} is set but ignored: the artifact's model has {k}={header['config'][k]}")
-        ctx.log(f"eval_only: artifact {a.artifact} label:{header['label']} codec:{header['codec']}")
-    else:
+    if not a.eval_only:
         torch.manual_seed(a.seed)
         model = build_model(a.arch(), ctx.device)
         ctx.log(f"model_params:{sum(p.numel() for p in model.parameters())} rope_base:{rope_base(a.arch()):.1f}")
@@ -1858,7 +2022,8 @@ def run(a, ctx, run_id, code_bytes):
         n_cal = -(-a.gptq_calib_batches // ctx.world)
         if a.gptq_calib == "train":
             x, _ = loader.next_batch(n_cal * a.train_seq_len, a.train_seq_len)
-            H = collect_hessians(ctx, model, x.split(8))
+            with exact_fp32():
+                H = collect_hessians(ctx, model, x.split(8))
             cal = time.perf_counter() - t
             ctx.log(f"gptq_calib: train, {n_cal * ctx.world} sequences in {cal:.1f}s; training {train_ms / 1000:.1f}s "
                     f"+ calibration = {train_ms / 1000 + cal:.1f}s of the {a.max_wallclock_seconds:g}s cap")
@@ -1868,10 +2033,12 @@ def run(a, ctx, run_id, code_bytes):
         ctx.log(f"prequant_path: {log_base}.prequant.pgz")
         if a.gptq_calib == "selfgen":
             seqs = self_generate(ctx, model, n_cal, a.train_seq_len, a.gptq_temperature, a.seed)
-            H = collect_hessians(ctx, model, seqs.split(8))
+            with exact_fp32():
+                H = collect_hessians(ctx, model, seqs.split(8))
             ctx.log(f"gptq_calib: selfgen, {n_cal * ctx.world} sequences of {a.train_seq_len} tokens generated at "
                     f"temperature {a.gptq_temperature} in {time.perf_counter() - t:.1f}s")
-        model_bytes = on_main(ctx, lambda: export(a, ctx, state, H, code_bytes))
+        with exact_fp32():
+            model_bytes = on_main(ctx, lambda: export(a, ctx, state, H, code_bytes))
         total = code_bytes + model_bytes
         ctx.log(f"artifact_bytes: code:{code_bytes} model:{model_bytes} total:{total} limit:{a.size_limit_bytes}")
         if total > a.size_limit_bytes:
@@ -1881,13 +2048,26 @@ def run(a, ctx, run_id, code_bytes):
         results["prequant"] = evaluate(ctx, model, val, L, L, a.eval_batch, label="prequant eval")[0]
         ctx.log(f"final_prequant_exact val_loss:{results['prequant'][0]:.8f} val_bpb:{results['prequant'][1]:.8f}")
         del model
-        header, arrays = read_artifact(a.artifact)
+    t_eval = time.perf_counter()  # the evaluation as a submission runs it: from the artifact to the last score
+    header, arrays = read_artifact(a.artifact)
+    if a.eval_only:
+        for k in sorted(set(a.explicit) & set(ARCH_KEYS)):
+            if header["config"][k] != getattr(a, k.lower()):
+                ctx.log(f"warning: {k} is set but ignored: the artifact's model has {k}={header['config'][k]}")
+        ctx.log(f"eval_only: artifact {a.artifact} label:{header['label']} codec:{header['codec']}")
     model = model_from(header["config"], dequantize(arrays), ctx, a.compile)
     final_evals(a, ctx, model, val, results, header["label"])
+    ctx.sync()
+    took = ctx.all_reduce(torch.tensor(time.perf_counter() - t_eval, dtype=torch.float64, device=ctx.device),
+                          dist.ReduceOp.MAX).item() + t_val
+    ctx.log(f"eval_total: {took:.1f}s of the {EVAL_BUDGET_SECONDS:.0f} s evaluation budget (val data {t_val:.1f}s, "
+            f"then artifact read, decompression, model build, every compile and eval to the last score; slowest rank)"
+            + (" warning: over the budget" if took > EVAL_BUDGET_SECONDS else ""))
     if ctx.main:
-        write_submission(a, ctx, run_id, results, code_bytes, os.path.getsize(a.artifact), header, steps, train_ms)
+        write_submission(a, ctx, run_id, results, code_bytes, os.path.getsize(a.artifact), header, steps, train_ms,
+                         took)
 
-def write_submission(a, ctx, run_id, results, code_bytes, model_bytes, header, steps, train_ms):
+def write_submission(a, ctx, run_id, results, code_bytes, model_bytes, header, steps, train_ms, eval_seconds):
     """The headline is the best figure of a legal (score-first) method; every figure, scored SLOT's included, is kept
     under `results` with its method and whether it is legal."""
     metric = min((k for k in LEGAL if k in results), key=lambda k: results[k][1])
@@ -1906,6 +2086,7 @@ def write_submission(a, ctx, run_id, results, code_bytes, model_bytes, header, s
                      f"artifact; val_bpb from {method[metric]}; {hw}; {steps} training steps"
                      + (" (eval-only run)" if a.eval_only else ""),
                metric=metric, hardware=hw, seed=a.seed, train_steps=steps, train_time_ms=round(train_ms),
+               eval_seconds=round(eval_seconds, 2),
                val_tokens=int(a.val_tokens) or "all",
                results={k: dict(val_loss=v[0], val_bpb=v[1], seconds=round(v[2], 2), method=method.get(k, k),
                                 legal=k in LEGAL) for k, v in results.items()})
@@ -1937,8 +2118,10 @@ def main():
         if ctx and ctx.log_file:  # a failed run's log says why
             print(f"error: {error_text(e)}", file=ctx.log_file, flush=True)
         status = 130 if isinstance(e, KeyboardInterrupt) else 2
-    except BaseException:
+    except BaseException as e:
         traceback.print_exc()
+        if ctx and ctx.log_file:
+            print(f"error: crashed ({type(e).__name__}); the traceback is on stderr", file=ctx.log_file, flush=True)
         status = 1
     if dist.is_initialized():
         dist.destroy_process_group()

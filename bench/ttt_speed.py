@@ -52,7 +52,7 @@ def ttt_flops(lens, p, cfg, n_matrix):
 
 def doc_lengths(shard):
     if shard:
-        tokens = tg.load_shard(shard)[:VAL_TOKENS]
+        tokens = tg.load_shard(shard, 1 << 16)[:VAL_TOKENS]
         return tg.documents(tokens)[:, 1], f"real: {shard}, {len(tokens)} tokens"
     rng = np.random.default_rng(0)
     raw = rng.lognormal(0.0, 1.0, VAL_DOCS)

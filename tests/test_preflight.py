@@ -40,3 +40,19 @@ def test_preflight_0_skips_it_and_a_bad_value_is_one_error_line(tmp_path, corpus
     assert proc.returncode == 2 and "preflight:" not in proc.stdout + proc.stderr
     assert proc.stderr.startswith("error: DATA_PATH=") and len(proc.stderr.strip().splitlines()) == 1
     assert (log_dir / "record_seed7.txt").is_file() and not (log_dir / "preflight").exists()
+
+
+def test_gpu_box_whose_gpus_torch_cannot_see_is_refused(tmp_path, corpus):
+    """nvidia-smi lists GPUs but torch (here a CPU build) sees none: `record` refuses with one error line instead of
+    training the record config on the CPU; with PREFLIGHT=0 too, and no run starts."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n"
+                                        "echo 'GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-1)'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    for extra in ({}, {"PREFLIGHT": "0"}):
+        proc, log_dir = record(tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}", DATA_PATH=str(corpus[0]),
+                               TOKENIZER_PATH=str(corpus[1]), **extra)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: nvidia-smi lists 2 GPU(s) but torch ") and "fix:" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and not log_dir.exists(), proc.stderr

@@ -175,17 +175,18 @@ def test_causal_slot_broadcast_equals_gather(delta):
 # ----------------------------------------------------------------------------- item 7: round-trip dtypes
 
 
-def test_round_trip_model_has_the_training_dtypes(monkeypatch):
-    """On CUDA the training model keeps bf16 embedding tables; the model rebuilt from the artifact must too.
-    The CPU stands in for CUDA by taking CUDA's table dtype."""
+def test_round_trip_model_holds_fp32_tables(monkeypatch):
+    """On CUDA the training model keeps bf16 embedding tables (as the seeds); the model rebuilt from the artifact
+    holds fp32 ones, so global TTT's small SGD steps move them (in bf16 a step of ~1e-5 at |w| ~ 0.03 is below
+    half an ulp and rounds away) and the int8 rows are not rounded again. The CPU stands in for CUDA by taking
+    CUDA's table dtype."""
     monkeypatch.setattr(tg, "table_dtype", lambda device: torch.bfloat16)
     config = settings(NUM_LAYERS=2, VE_LAYERS="0,1", XSA_LAST_N=2).arch()
     trained = tg.build_model(config, CPU)
+    assert trained.tok_emb.weight.dtype == torch.bfloat16 and trained.ve.embed.weight.dtype == torch.bfloat16
     state = {k: v.float() for k, v in trained.state_dict().items()}
     loaded = tg.model_from(config, state, tg.Ctx(0, 1, 0, CPU), compile_eval=False)
-    dtypes = lambda m: {k: v.dtype for k, v in m.state_dict().items()}
-    assert dtypes(loaded) == dtypes(trained)
-    assert loaded.tok_emb.weight.dtype == torch.bfloat16 and loaded.blocks[0].attn.q.weight.dtype == torch.float32
+    assert {v.dtype for v in loaded.state_dict().values()} == {torch.float32}
 
 
 # ----------------------------------------------------------------------------- item 8: fidelity with the seeds
@@ -244,7 +245,8 @@ def test_slot_adamw_settings_default_to_the_seeds_and_reach_the_optimizer(monkey
 def test_headline_is_the_best_legal_figure(tmp_path, figures, headline):
     a = tg.Settings({"LOG_DIR": str(tmp_path)})
     results = {k: (v * math.log(2) * 3, v, 1.0) for k, v in figures.items()}
-    tg.write_submission(a, CountingCtx(), "h", results, 100, 200, dict(config=a.arch(), label="int6"), 5, 1000.0)
+    tg.write_submission(a, CountingCtx(), "h", results, 100, 200, dict(config=a.arch(), label="int6"), 5, 1000.0,
+                        12.5)
     sub = json.loads((tmp_path / "h.submission.json").read_text())
     assert sub["metric"] == headline and sub["val_bpb"] == figures[headline]
     assert set(sub["results"]) == set(figures)

@@ -573,14 +573,25 @@ def test_interrupt_is_one_clean_line(fault_env, sig):
     assert [f.name for f in files] == [log.name]  # stopped in training: nothing else written, no temporary file
 
 
-def test_failed_run_logs_its_error_and_a_used_run_id_is_refused(fault_env, tmp_path):
+def test_failed_run_logs_its_error_and_its_run_id_stays_free(fault_env, tmp_path):
+    """A typo in DATA_PATH fails with one error line, also in the log; the corrected re-run with the same RUN_ID then
+    runs (the failed log is kept beside as failing.failed1.txt). A run that wrote files keeps its RUN_ID: so does a
+    failed one that had written its prequant weights, and a log without a final error line (a running run)."""
     env = {**fault_env, "RUN_ID": "failing", "DATA_PATH": str(tmp_path / "missing"), "LOG_DIR": str(tmp_path)}
     p = start(env)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 2 and err.startswith("error: DATA_PATH="), err
     log = (tmp_path / "failing.txt").read_text()
     assert log.splitlines()[-1] == err.strip()  # the error line also went to the run's log
-    p = start(env)  # same RUN_ID again: refused, the first run's log untouched
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == 2 and "RUN_ID='failing'" in err and "delete" in err, err
-    assert (tmp_path / "failing.txt").read_text() == log
+    p = start({**env, "DATA_PATH": fault_env["DATA_PATH"], "ITERATIONS": "1", "SLOT_ENABLED": "0",
+               "SLIDING_ENABLED": "0"})  # fixed: runs
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    assert (tmp_path / "failing.failed1.txt").read_text() == log and "moved to" in out
+    assert (tmp_path / "failing.submission.json").is_file()
+    one_line_error(lambda: open_run_case(env), "RUN_ID='failing'", "failing.submission.json", "delete")
+    (tmp_path / "half.txt").write_text("step:1/2 ...\nerror: interrupted\n")
+    (tmp_path / "half.prequant.pgz").write_bytes(b"weights")
+    one_line_error(lambda: open_run_case({**env, "RUN_ID": "half"}), "half.prequant.pgz")
+    (tmp_path / "busy.txt").write_text("step:1/2 train_loss:5.0\n")
+    one_line_error(lambda: open_run_case({**env, "RUN_ID": "busy"}), "busy.txt", "delete")
