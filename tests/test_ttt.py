@@ -222,3 +222,130 @@ def test_one_rank_sweep_rows_equal_two_ranks(two_ranks, artifact, toy_env, run_s
     two = float(re.search(r"val_loss:(\S+)", ttt_line(two_ranks.stdout))[1])
     assert float(cells[0][6]) == pytest.approx(two, abs=1.5e-6)  # rows print 6 decimals
     assert float(cells[1][6]) > float(cells[0][6]) + 1e-3  # and TTT learned something
+
+
+# ----------------------------------------------------------------------------- issue 15: as on a GPU, and fast
+
+
+def test_adapter_step_is_torch_adamw_on_the_training_prefix():
+    """TTTAdapters.step equals torch's AdamW (betas (0, beta2), eps, decoupled weight decay) for the first nt
+    documents, and leaves every later document's adapters and state untouched (they left the optimiser)."""
+    model = slot_leak.toy_model(vocab=V, dim=32, layers=2, seed=0)
+    p = dict(P, lr=0.01, wd=0.5, eps=1e-10, beta2=0.99, warm_a=True)
+    lora = tg.TTTAdapters(model, p, 5, CPU)
+    lora.reset()
+    A0, B0 = lora.A.clone(), {o: b.clone() for o, b in lora.B.items()}
+    ref = [lora.A[:3].clone().requires_grad_()] + [b[:3].clone().requires_grad_() for b in lora.B.values()]
+    opt = torch.optim.AdamW(ref, lr=0.01, betas=(0.0, 0.99), eps=1e-10, weight_decay=0.5)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        lora.open(5, train=True)
+        grads = [torch.randn(t.shape, generator=gen) for t in [lora.a, *lora.b.values()]]
+        for t, g in zip([lora.a, *lora.b.values()], grads):
+            t.grad = g
+        for t, g in zip(ref, grads):
+            t.grad = g[:3].clone()
+        lora.step(3)
+        opt.step()
+    for mine, theirs in zip([lora.A, *lora.B.values()], ref):
+        torch.testing.assert_close(mine[:3], theirs.detach(), rtol=1e-5, atol=1e-7)
+    assert torch.equal(lora.A[3:], A0[3:]) and all(torch.equal(lora.B[o][3:], B0[o][3:]) for o in B0)
+    assert lora.vA[3:].abs().max() == 0
+
+
+def test_finished_documents_leave_the_batch_and_the_optimiser(sharp_model, monkeypatch):
+    """Per chunk, the forward runs the live documents only (at least 2 rows) and AdamW steps only those still
+    training (a document's last chunk teaches nothing): both counted against the lengths."""
+    seen = []
+    monkeypatch.setattr(tg.TTTAdapters, "step", lambda self, n: seen.append(("step", n)))
+    real_open = tg.TTTAdapters.open
+    monkeypatch.setattr(tg.TTTAdapters, "open", lambda self, n, train: (seen.append(("open", n)),
+                                                                          real_open(self, n, train)))
+    lens = [70, 30, 12, 5]  # one batch, chunk 8
+    tokens = np.concatenate(make_docs(lens) + [[tg.BOS_ID]])
+    tg.ttt_evaluate(CTX, sharp_model, (tokens, np.ones(len(tokens) - 1)), dict(P, phases=0, batch=4))
+    want = []
+    for c in range(-(-max(lens) // 8)):
+        live, train = sum(n > 8 * c for n in lens), sum(n > 8 * (c + 1) for n in lens)
+        want += [("open", max(live, 2))] + ([("step", train)] if train else [])
+    assert seen == want
+
+
+def test_ttt_logits_are_fp32_under_cuda_like_autocast(sharp_model, monkeypatch):
+    """With bf16 autocast on (as on CUDA; here the CPU's), TTT computes its hidden states under autocast but its
+    logits outside it, in fp32, as sliding and SLOT score."""
+    calls, real = [], tg.softcap_logits
+    monkeypatch.setattr(tg, "softcap_logits", lambda h, w, cap, bias=None: (
+        calls.append((torch.is_autocast_enabled("cpu"), h.dtype, w.dtype)), real(h, w, cap, bias))[1])
+    ctx = tg.Ctx(0, 1, 0, CPU)
+    ctx.bf16 = True
+    tokens = np.concatenate(make_docs([20, 9]) + [[tg.BOS_ID]])
+    loss = tg.ttt_evaluate(ctx, sharp_model, (tokens, np.ones(len(tokens) - 1)), dict(P, phases=0))[0]
+    assert calls and set(calls) == {(False, torch.float32, torch.float32)} and math.isfinite(loss)
+
+
+def test_compiled_ttt_equals_eager_with_one_graph():
+    """torch.compile (inductor, on the CPU) of the TTT step: the same scores as eager to float tolerance, and one
+    graph for every batch size and window length (dynamic dims), documents of many lengths and both phases."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    model = slot_leak.toy_model(vocab=V, dim=32, layers=1, seed=1, perturb=0.3)
+    tokens = np.concatenate(make_docs([30, 5, 70, 12, 1, 44, 90, 20, 9, 33, 150, 3, 64, 65]))
+    val = (tokens, np.random.default_rng(2).integers(1, 4, len(tokens) - 1))
+    p = dict(P, alpha=4.0)
+    eager = tg.ttt_evaluate(CTX, model, val, p)
+    before = counters["stats"]["unique_graphs"]
+    compiled = tg.ttt_evaluate(CTX, model, val, p, compiled=True)
+    assert compiled[:2] == pytest.approx(eager[:2], rel=1e-6)
+    assert counters["stats"]["unique_graphs"] - before == 1
+
+
+def test_global_sgd_is_a_fresh_cosine_sgd_over_document_masked_sequences():
+    """global_sgd against a hand-written loop: SGD with momentum from zero, lr cosine-decayed over the phase's
+    steps, gradients of the mean NLL over masked-attention sequences, clipped by global norm."""
+    model = slot_leak.toy_model(vocab=V, dim=32, layers=2, seed=2)
+    ref = slot_leak.toy_model(vocab=V, dim=32, layers=2, seed=2)
+    tokens = np.concatenate(make_docs([20, 40, 7, 30]))
+    p = dict(P, seq_len=16, global_chunk=32, global_lr=0.05, global_momentum=0.9, global_clip=0.5, global_epochs=1)
+    n = len(tokens) - 1
+    tg.global_sgd(CTX, model, (tokens, np.ones(n)), n, p)
+    params, bufs = list(ref.parameters()), None
+    starts = list(range(0, n, 16))
+    steps = [starts[i:i + 2] for i in range(0, len(starts), 2)]
+    ref.requires_grad_(True)
+    for k, group in enumerate(steps):
+        loss = 0.0
+        for s in group:
+            x = torch.from_numpy(tokens[s:min(s + 16, n)].astype(np.int64))[None]
+            y = torch.from_numpy(tokens[s + 1:min(s + 16, n) + 1].astype(np.int64))
+            h = ref.forward_hidden(x, doc_mask=True)[0]
+            loss = loss + F.cross_entropy(ref.logits(h), y, reduction="sum")
+        grads = torch.autograd.grad(loss / sum(min(16, n - s) for s in group), params, allow_unused=True)
+        grads = [torch.zeros_like(q) if g is None else g for q, g in zip(params, grads)]
+        norm = torch.cat([g.flatten() for g in grads]).norm()
+        grads = [g * min(1.0, 0.5 / (norm.item() + 1e-6)) for g in grads]
+        bufs = grads if bufs is None else [0.9 * b + g for b, g in zip(bufs, grads)]
+        lr = 0.05 * 0.5 * (1 + math.cos(math.pi * k / len(steps)))
+        with torch.no_grad():
+            for q, b in zip(params, bufs):
+                q -= lr * b
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_document_masked_attention_equals_attention_per_document():
+    """causal_attention with document ids: each document's output equals plain causal attention over that
+    document alone (GQA, a row that starts mid-document, empty-free random documents); without ids it mixes."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 40, h, 8, generator=gen) for h in (4, 2, 2))
+    ids = torch.randint(2, 50, (2, 40), generator=gen)
+    ids[0, [0, 9, 10, 31]] = tg.BOS_ID
+    ids[1, [17, 30]] = tg.BOS_ID  # row 1 starts inside a document
+    doc = torch.cumsum(ids == tg.BOS_ID, 1)
+    out = tg.causal_attention(q, k, v, doc)
+    for b in range(2):
+        for d in doc[b].unique():
+            m = doc[b] == d
+            alone = tg.causal_attention(q[b:b + 1, m], k[b:b + 1, m], v[b:b + 1, m])
+            torch.testing.assert_close(out[b:b + 1, m], alone, rtol=1e-5, atol=1e-6)
+    assert (tg.causal_attention(q, k, v) - out).abs().max() > 1e-2
