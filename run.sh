@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Entry points: smoke | record [SEED] | rehearse [SEED] | eval ARTIFACT | sweep ARTIFACT | data [N] | test | bench
+# | package NAME RUN_ID...
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -129,6 +130,11 @@ case "$cmd" in
     if ! env | grep -q '^SWEEP_'; then export SWEEP_SLOT_STEPS=8,16,24 SWEEP_SLOT_LR=0.008,0.012; fi
     EVAL_ONLY=1 ARTIFACT=$1 SLIDING_ENABLED=${SLIDING_ENABLED:-0} launch
     ;;
+  package)  # records/NAME/ for a record PR from finished runs' files under LOG_DIR (README: Packaging a record)
+    [ $# -ge 2 ] || { echo "error: usage: run.sh package NAME RUN_ID...; fix: name the record folder and its runs" \
+      >&2; exit 2; }
+    python tools/package.py "$@"
+    ;;
   data)  # official FineWeb sp1024 shards + tokenizer (N train shards, default 80)
     python data/download_fineweb.py --train-shards "${1:-80}"
     ;;
@@ -142,7 +148,7 @@ case "$cmd" in
     ;;
   *)
     echo "usage: bash run.sh smoke | record [SEED] | rehearse [SEED] | eval ARTIFACT | sweep ARTIFACT | data [N]" \
-      "| test | bench [--ablate ...]" >&2
+      "| test | bench [--ablate ...] | package NAME RUN_ID..." >&2
     exit 2
     ;;
 esac
