@@ -107,7 +107,7 @@ def test_packed_run_logs_what_the_plain_run_logs(runs):
     assert (runs.logs / "a.int6.pgz").read_bytes() == (runs.logs_b / "a.int6.pgz").read_bytes()
     sa, sb = (json.loads((d / "a.submission.json").read_text()) for d in (runs.logs, runs.logs_b))
     for s in (sa, sb):
-        del s["date"], s["train_time_ms"]
+        del s["date"], s["train_time_ms"], s["eval_seconds"]
         for v in s["results"].values():
             del v["seconds"]
     assert sa == sb and sa["bytes_code"] == int(m[1])
@@ -201,7 +201,8 @@ def test_package_readme_table_and_reproduction(record, runs):
     assert set(rows) == {"1", "2", "**mean**", "**std**"}
     steps = re.search(r"^train_done: steps:(\d+) train_time:\d+ms step_avg:([0-9.]+)ms", record.logs[0], re.M)
     cells = [c.strip() for c in rows["1"].strip("|").split("|")]
-    assert cells[:3] == ["1", steps[1], steps[2]] and cells[6] == "n/a" and cells[9] == "n/a"  # no TTT, no eval_total
+    total = re.search(r"^eval_total: ([0-9.]+)s", record.logs[0], re.M)[1]
+    assert cells[:3] == ["1", steps[1], steps[2]] and cells[6] == "n/a" and cells[9] == f"{total}s"  # no TTT
     assert cells[7].startswith(f"{record.bpb[0]:.6f} (") and cells[8] == f"{int(cells[8].replace(',', '')):,}"
     # each seed's command sets exactly the configuration its run logged
     cmds = re.findall(r"^SEED=.*train_gpt\.py$", readme, re.M)
