@@ -30,6 +30,7 @@ SETTINGS = [
     ("WARMUP_STEPS", 20, "int", "compile warm-up steps; weights and optimizer state are restored after"),
     ("WARMDOWN_ITERS", 3500, "int", "warm-down length in steps (time-based when MAX_WALLCLOCK_SECONDS > 0)"),
     ("WARMDOWN_FRAC", 0.0, "float", "warm-down as a fraction of the time cap, or of ITERATIONS without one (0: off)"),
+    ("MIN_LR", 0.0, "float", "floor of the warm-down's lr multiplier, as a fraction of the peak lr"),
     ("TRAIN_BATCH_TOKENS", 786432, "int", "tokens per optimizer step, all ranks together"),
     ("TRAIN_SEQ_LEN", 2048, "int", "training sequence length"),
     ("GRAD_ACCUM_STEPS", 0, "int", "micro-steps per optimizer step (0: 8 // world size)"),
@@ -54,6 +55,18 @@ SETTINGS = [
     ("BIGRAM_VOCAB_SIZE", 2048, "int", "BigramHash rows (0: off)"),
     ("BIGRAM_DIM", 128, "int", "BigramHash embedding width"),
     ("SMEAR_ENABLED", True, "bool", "SmearGate on the embedding output"),
+    ("SMEAR_MODE", "channel", "str", "channel (per-channel gate, after the norm, as the seeds) or input "
+     "(x_t += lambda sigmoid(w x_t[:GATE_WINDOW]) x_{t-1}, not at BOS, before the norm, as the record)"),
+    ("GATE_WINDOW", 12, "int", "residual channels read by the input-dependent gates (SmearGate input, ATTN_OUT_GATE)"),
+    ("ATTN_OUT_GATE", False, "bool", "per-head attention-output gate sigmoid(ATTN_GATE_SCALE W n[:GATE_WINDOW]) after XSA"),
+    ("ATTN_GATE_SCALE", 0.5, "float", "scale inside the attention-output gate's sigmoid"),
+    ("DOC_MASK", False, "bool", "attention (and BigramHash) never cross a document boundary (a BOS starts one), in "
+     "training and every eval"),
+    ("NUM_LOOPS", 0, "int", "extra passes of layers LOOP_START..LOOP_END (depth recurrence; 0: off)"),
+    ("LOOP_START", 3, "int", "first physical layer of the loop"),
+    ("LOOP_END", 5, "int", "last physical layer of the loop (inclusive)"),
+    ("ENABLE_LOOPING_AT", 0.35, "float", "training-time fraction at which the loop switches on (always on in evals)"),
+    ("PARALLEL_START_LAYER", 0, "int", "layers from this one on run attention and MLP as two parallel lanes (0: off)"),
     ("VE_ENABLED", True, "bool", "shared value embedding"),
     ("VE_DIM", 128, "int", "value-embedding width"),
     ("VE_LAYERS", [9, 10], "ints", "layers that add the value embedding to v"),
@@ -69,8 +82,13 @@ SETTINGS = [
     ("MUON_MOMENTUM_WARMUP_START", 0.92, "float", "Muon momentum at step 0"),
     ("MUON_MOMENTUM_WARMUP_STEPS", 1500, "int", "steps to warm the momentum up"),
     ("MUON_BACKEND_STEPS", 5, "int", "Newton-Schulz iterations"),
+    ("MUON_NS", "quintic", "str", "Newton-Schulz coefficients: quintic (one fixed triple) or polar (Polar-Express, one "
+     "triple per step; the last repeats past 5)"),
+    ("MUON_ROW_NORM", False, "bool", "MuonEq-R: each row of the update divided by its L2 norm before Newton-Schulz"),
     ("MUON_WD", 0.04, "float", "Muon decoupled weight decay"),
     ("ADAM_WD", 0.04, "float", "AdamW weight decay"),
+    ("EMBED_WD", -1.0, "float", "AdamW weight decay of the embedding tables (-1: ADAM_WD)"),
+    ("SCALAR_WD", -1.0, "float", "AdamW weight decay of vectors and scalars (-1: ADAM_WD)"),
     ("BETA1", 0.9, "float", "AdamW beta1"),
     ("BETA2", 0.95, "float", "AdamW beta2"),
     ("ADAM_EPS", 1e-8, "float", "AdamW eps"),
@@ -141,7 +159,9 @@ SETTINGS = [
 ARCH_KEYS = ["VOCAB_SIZE", "TRAIN_SEQ_LEN", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT",
              "MLP_LEAKY_SLOPE", "ROPE_DIMS", "ROPE_BASE", "ROPE_REF_LEN", "QK_GAIN_INIT", "LOGIT_SOFTCAP", "XSA_LAST_N",
              "LN_SCALE", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM", "SMEAR_ENABLED", "VE_ENABLED", "VE_DIM", "VE_LAYERS",
-             "UNET_SKIPS", "SKIP_GATED", "TIE_EMBEDDINGS", "TIED_EMBED_INIT_STD"]
+             "UNET_SKIPS", "SKIP_GATED", "TIE_EMBEDDINGS", "TIED_EMBED_INIT_STD", "SMEAR_MODE", "GATE_WINDOW",
+             "ATTN_OUT_GATE", "ATTN_GATE_SCALE", "DOC_MASK", "NUM_LOOPS", "LOOP_START", "LOOP_END",
+             "PARALLEL_START_LAYER"]
 KIND_TEXT = {"int": "an integer", "float": "a number", "bool": "0 or 1", "ints": "comma-separated integers",
              "floats": "comma-separated numbers", "strs": "comma-separated words", "str": "a string"}
 MAX_PARAMS = 1 << 30  # 4 GiB of fp32 weights: far above the record model (27M), far below a memory bomb
@@ -188,7 +208,8 @@ class Settings:
     def from_arch(cls, config):
         """Settings of a model config (an artifact's), parsed and checked as if it came from the environment."""
         if sorted(config) != sorted(ARCH_KEYS):
-            raise ConfigError(f"config keys missing or unknown: {sorted(set(config) ^ set(ARCH_KEYS))}")
+            raise ConfigError(f"config keys missing or unknown: {sorted(set(config) ^ set(ARCH_KEYS))} (an artifact of "
+                              "another version of train_gpt.py: re-export it with this one)")
         env = {k: ",".join(map(str, v)) if isinstance(v, list) else str(int(v) if isinstance(v, bool) else v)
                for k, v in config.items()}
         return cls({**env, "TRAIN_BATCH_TOKENS": env["TRAIN_SEQ_LEN"], "GRAD_ACCUM_STEPS": "1"})  # a batch that fits
@@ -242,18 +263,20 @@ class Settings:
                          "TRAIN_LOG_EVERY EVAL_SEQ_LEN EVAL_STRIDE EVAL_BATCH SLOT_BATCH SLOT_EPS MUON_BACKEND_STEPS "
                          "SWA_EVERY GPTQ_BLOCK ADAM_EPS GPTQ_CALIB_BATCHES SIZE_LIMIT_BYTES BIGRAM_DIM VE_DIM "
                          "ROPE_BASE LOGIT_SOFTCAP GPTQ_TEMPERATURE GPTQ_DAMP TTT_LORA_RANK TTT_CHUNK_SIZE "
-                         "TTT_BATCH_SIZE TTT_EVAL_SEQ_LEN GLOBAL_TTT_CHUNK TTT_LORA_ALPHA TTT_EPS"),
+                         "TTT_BATCH_SIZE TTT_EVAL_SEQ_LEN GLOBAL_TTT_CHUNK TTT_LORA_ALPHA TTT_EPS GATE_WINDOW"),
                  ">= 0": (lambda v: v >= 0, "WARMUP_STEPS WARMDOWN_ITERS MAX_WALLCLOCK_SECONDS VAL_LOSS_EVERY "
                           "VAL_TOKENS ROPE_DIMS XSA_LAST_N BIGRAM_VOCAB_SIZE TIED_EMBED_LR HEAD_LR MATRIX_LR "
                           "SCALAR_LR MUON_WD MUON_MOMENTUM_WARMUP_STEPS ADAM_WD GRAD_CLIP_NORM GPTQ_RESERVE_SECONDS "
                           "TARGET_BYTES SLOT_STEPS SLOT_LR SLOT_LR_MIN SLOT_WD ROPE_REF_LEN TIED_EMBED_INIT_STD "
                           "MLP_LEAKY_SLOPE SEED RANK LOCAL_RANK TTT_LR TTT_WEIGHT_DECAY TTT_GRAD_STEPS "
                           "PHASED_TTT_NUM_PHASES PHASED_TTT_PREFIX_DOCS GLOBAL_TTT_LR GLOBAL_TTT_EPOCHS "
-                          "GLOBAL_TTT_GRAD_CLIP"),
+                          "GLOBAL_TTT_GRAD_CLIP NUM_LOOPS LOOP_START PARALLEL_START_LAYER ATTN_GATE_SCALE"),
                  "in [0, 1)": (lambda v: 0 <= v < 1, "MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 EMA_DECAY "
                                "GLOBAL_TTT_MOMENTUM TTT_BETA2"),
-                 "in [0, 1]": (lambda v: 0 <= v <= 1, "SWA_LR_THRESHOLD LATE_QAT_THRESHOLD WARMDOWN_FRAC"),
-                 "<= 1024": (lambda v: v <= 1024, "NUM_LAYERS NUM_HEADS MLP_MULT MUON_BACKEND_STEPS"),
+                 "in [0, 1]": (lambda v: 0 <= v <= 1, "SWA_LR_THRESHOLD LATE_QAT_THRESHOLD WARMDOWN_FRAC MIN_LR "
+                               "ENABLE_LOOPING_AT"),
+                 "<= 1024": (lambda v: v <= 1024, "NUM_LAYERS NUM_HEADS MLP_MULT MUON_BACKEND_STEPS NUM_LOOPS"),
+                 ">= 0 or -1 (ADAM_WD)": (lambda v: v >= 0 or v == -1, "EMBED_WD SCALAR_WD"),
                  "<= 65536": (lambda v: v <= 65536, "VOCAB_SIZE MODEL_DIM BIGRAM_DIM VE_DIM TRAIN_SEQ_LEN EVAL_SEQ_LEN "
                               "EVAL_BATCH SLOT_BATCH GPTQ_BLOCK GPTQ_CALIB_BATCHES WORLD_SIZE TTT_LORA_RANK "
                               "TTT_CHUNK_SIZE TTT_BATCH_SIZE TTT_EVAL_SEQ_LEN"),
@@ -263,7 +286,7 @@ class Settings:
                 need(ok(getattr(self, n.lower())), n, f"must be {rule}", f"set {n} to a value {rule}")
         hd, L, choices = self.model_dim // self.num_heads, self.num_layers, dict(
             SLOT_MODE=("scored", "causal"), SWEEP_SLOT_MODE=("scored", "causal"), SLOT_DELTA=("window", "batch"),
-            GPTQ_CALIB=("selfgen", "train"))
+            GPTQ_CALIB=("selfgen", "train"), SMEAR_MODE=("channel", "input"), MUON_NS=("quintic", "polar"))
         need(self.model_dim % self.num_heads == 0, "MODEL_DIM", f"not divisible by NUM_HEADS={self.num_heads}",
              "use a multiple of NUM_HEADS")
         need(self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS", f"must divide NUM_HEADS={self.num_heads}",
@@ -274,6 +297,15 @@ class Settings:
         need(self.rope_dims > 2 or not rope_scaled(self.arch()), "ROPE_DIMS", "the RoPE base scaling exponent "
              "d/(d-2) needs more than 2 rotated dims", "set ROPE_DIMS >= 4, or ROPE_REF_LEN=0 (no scaling)")
         need(self.xsa_last_n <= L, "XSA_LAST_N", f"exceeds NUM_LAYERS={L}", f"set XSA_LAST_N <= {L}")
+        need(not self.num_loops or self.loop_start <= self.loop_end < L, "LOOP_END", f"the loop {self.loop_start}.."
+             f"{self.loop_end} must be layers within 0..{L - 1}, LOOP_START <= LOOP_END", "fix LOOP_START/LOOP_END")
+        need(self.parallel_start_layer < L, "PARALLEL_START_LAYER", f"must be below NUM_LAYERS={L}",
+             f"set it below {L}, or 0 (off)")
+        P, a, b = self.parallel_start_layer, self.loop_start, self.loop_end
+        need(not (self.num_loops and P and a < P <= b), "PARALLEL_START_LAYER", f"layer {P} starts the parallel lanes "
+             f"inside the loop {a}..{b}", "start the lanes after the loop, or loop inside the lanes")
+        need(self.gate_window <= self.model_dim, "GATE_WINDOW", f"exceeds MODEL_DIM={self.model_dim}",
+             "set GATE_WINDOW <= MODEL_DIM")
         need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "needs at least 2 rows", "set 0 (off) or >= 2")
         need(not self.ve_enabled or (self.ve_layers and len(set(self.ve_layers)) == len(self.ve_layers)
                                      and all(0 <= i < L for i in self.ve_layers)), "VE_LAYERS",
@@ -323,10 +355,19 @@ def param_count(c):
     """Parameters of GPT(c) by formula (a test checks it), to cap the size before anything is built."""
     V, d, L, h, bv, bd, vd = (c[k] for k in ("VOCAB_SIZE", "MODEL_DIM", "NUM_LAYERS", "NUM_HEADS", "BIGRAM_VOCAB_SIZE",
                                              "BIGRAM_DIM", "VE_DIM"))
-    kv, enc = c["NUM_KV_HEADS"] * (d // h), L // 2 if c["UNET_SKIPS"] else 0
+    S, w, P = len(slot_layers(c, True)), c["GATE_WINDOW"], c["PARALLEL_START_LAYER"]
+    kv, enc = c["NUM_KV_HEADS"] * (d // h), S // 2 if c["UNET_SKIPS"] else 0
     return (V * d * (2 - c["TIE_EMBEDDINGS"]) + L * (2 * d * d + 2 * d * kv + h + 2 * c["MLP_MULT"] * d * d + 4 * d)
-            + min(enc, L - enc) * d * (1 + c["SKIP_GATED"]) + d * c["SMEAR_ENABLED"] + (bv * bd + bd * d + 1) * (bv > 0)
-            + (V * vd + vd * kv + 1 + len(c["VE_LAYERS"])) * c["VE_ENABLED"])
+            + min(enc, S - enc) * d * (1 + c["SKIP_GATED"]) + (bv * bd + bd * d + 1) * (bv > 0)
+            + c["SMEAR_ENABLED"] * (d if c["SMEAR_MODE"] == "channel" else w + 1) + L * h * w * c["ATTN_OUT_GATE"]
+            + 6 * (L - P) * (P > 0) + (V * vd + vd * kv + 1 + len(c["VE_LAYERS"])) * c["VE_ENABLED"])
+
+def slot_layers(c, looping):
+    """The physical layer of each slot of the forward: with the loop on, LOOP_START..LOOP_END run NUM_LOOPS extra
+    times (the record: 0,1,2,3,4,5,3,4,5,3,4,5,6,...,10: 17 slots over 11 layers)."""
+    L, a, b = c["NUM_LAYERS"], c["LOOP_START"], c["LOOP_END"] + 1
+    loops = c["NUM_LOOPS"] if looping else 0
+    return list(range(b)) + list(range(a, b)) * loops + list(range(b, L)) if loops else list(range(L))
 
 def warn_env_typos(env=None):
     """A warning for each env var that nearly matches a setting without being one (SLOT_STPES), naming the closest."""
@@ -466,6 +507,7 @@ def fake_quant_int6(w):
     return w + (q - w).detach()
 
 QAT = False  # late QAT; a global, which torch.compile guards (torch 2.11 missed a flipped nn.Module class attribute)
+LOOPING = True  # depth recurrence on (evals always; training switches it on at ENABLE_LOOPING_AT), a global as QAT
 
 def lora_delta(x, lora):
     """TTT's batched low-rank delta: row b of x [B, T, in] gets s (x_b A_b^T) B_b^T, A [B, r, in], B [B, out, r]."""
@@ -544,6 +586,8 @@ class Attention(nn.Module):
         self.proj = CastedLinear(d, d, quantized=True)
         self.q_gain = nn.Parameter(torch.full((self.h,), float(c["QK_GAIN_INIT"])))
         self.use_xsa = layer >= c["NUM_LAYERS"] - c["XSA_LAST_N"]
+        self.gate_w = nn.Parameter(torch.zeros(self.h, c["GATE_WINDOW"])) if c["ATTN_OUT_GATE"] else None
+        self.gate_scale = c["ATTN_GATE_SCALE"]
 
     def forward(self, x, cos, sin, ve, doc=None, lora=None):
         """lora: TTT's adapters by target; q, k, v on their inputs, o as a side path from the block input x."""
@@ -560,6 +604,9 @@ class Attention(nn.Module):
         y = causal_attention(q.to(v.dtype), k.to(v.dtype), v, doc)
         if self.use_xsa:
             y = xsa(y, v)
+        if self.gate_w is not None:  # per head: sigmoid(scale W n[:window]) of the normalised input n = x
+            g = x[..., :self.gate_w.size(1)] @ self.gate_w.T.to(x.dtype)
+            y = y * torch.sigmoid(self.gate_scale * g).to(y.dtype)[..., None]
         return plus_lora(self.proj(y.reshape(B, T, self.h * self.hd)), x, lora.get("o"))
 
 class MLP(nn.Module):
@@ -582,16 +629,30 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
         self.in_scale = 1.0 / math.sqrt(layer + 1) if c["LN_SCALE"] else 1.0
+        self.parallel = 0 < c["PARALLEL_START_LAYER"] <= layer
+        if self.parallel:  # lane l <- r_l lane_l + P[attention, l] a + P[MLP, l] m
+            self.lane_r = nn.Parameter(torch.full((2,), 1.1))
+            self.lane_p = nn.Parameter(torch.ones(2, 2))
 
     def forward(self, x, x0, cos, sin, ve, doc=None, lora=None):
-        mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.in_scale, cos, sin, ve, doc, lora)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.in_scale, (lora or {}).get("mlp"))
+        """x: the residual stream, or in a parallel layer the two lanes (a tensor: both start as it), returned so."""
+        mix, s, lora = self.resid_mix.to(x0.dtype), self.in_scale, lora or {}
+        if not self.parallel:
+            x = mix[0] * x + mix[1] * x0
+            x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * s, cos, sin, ve, doc, lora)
+            return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * s, lora.get("mlp"))
+        l0, l1 = x if isinstance(x, tuple) else (x, x)
+        a = self.attn_scale.to(x0.dtype) * self.attn(rms_norm(mix[0] * l0 + mix[1] * x0) * s, cos, sin, ve, doc, lora)
+        m = self.mlp_scale.to(x0.dtype) * self.mlp(rms_norm(l1) * s, lora.get("mlp"))
+        r, P = self.lane_r.to(x0.dtype), self.lane_p.to(x0.dtype)
+        return r[0] * l0 + P[0, 0] * a + P[1, 0] * m, r[1] * l1 + P[0, 1] * a + P[1, 1] * m
 
-def bigram_rows(ids, rows):
-    """Hash of (previous, current) token; position 0 has no previous token and uses the last row."""
+def bigram_rows(ids, rows, doc_mask=False):
+    """Hash of (previous, current) token; position 0 has no previous token and uses the last row, as does a BOS
+    under doc_mask (its previous token is another document's)."""
     h = torch.bitwise_xor(36313 * ids[:, 1:], 27191 * ids[:, :-1]) % (rows - 1)
+    if doc_mask:
+        h = torch.where(ids[:, 1:] == BOS_ID, rows - 1, h)
     return torch.cat([torch.full_like(ids[:, :1], rows - 1), h], dim=1)
 
 class BigramHash(nn.Module):
@@ -602,19 +663,29 @@ class BigramHash(nn.Module):
         self.proj = CastedLinear(dim, d)
         self.scale = nn.Parameter(torch.tensor(0.05))
 
-    def forward(self, ids):
-        return self.proj(self.embed(bigram_rows(ids, self.rows))) * self.scale
+    def forward(self, ids, doc_mask=False):
+        return self.proj(self.embed(bigram_rows(ids, self.rows, doc_mask))) * self.scale
 
 class SmearGate(nn.Module):
-    """x_t <- (1 - s) x_t + s x_{t-1}, s = sigmoid(gate) per channel."""
+    """channel (the seeds, after the norm): x_t <- (1 - s) x_t + s x_{t-1}, s = sigmoid(gate) per channel.
+    input (the record, before the norm): x_t <- x_t + lambda sigmoid(w . x_t[:window]) x_{t-1}, not at a BOS, so
+    one document's last token never leaks into the next; w and lambda start at zero."""
 
-    def __init__(self, d):
+    def __init__(self, d, mode, window):
         super().__init__()
-        self.gate = nn.Parameter(torch.zeros(d))
+        self.mode = mode
+        if mode == "channel":
+            self.gate = nn.Parameter(torch.zeros(d))
+        else:
+            self.gate_w, self.lam = nn.Parameter(torch.zeros(window)), nn.Parameter(torch.zeros(()))
 
-    def forward(self, x):
-        s = torch.sigmoid(self.gate).to(x.dtype)
-        return (1 - s) * x + s * F.pad(x[:, :-1], (0, 0, 1, 0))
+    def forward(self, x, ids):
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        if self.mode == "channel":
+            s = torch.sigmoid(self.gate).to(x.dtype)
+            return (1 - s) * x + s * prev
+        g = torch.sigmoid(x[..., :self.gate_w.numel()] @ self.gate_w.to(x.dtype)) * (ids != BOS_ID)
+        return x + self.lam.to(x.dtype) * g.to(x.dtype)[..., None] * prev
 
 class ValueEmbedding(nn.Module):
     def __init__(self, vocab, dim, kv_dim, n_layers):
@@ -645,18 +716,19 @@ class GPT(nn.Module):
         self.softcap, self.rope_dims = c["LOGIT_SOFTCAP"], c["ROPE_DIMS"]
         self.tok_emb = nn.Embedding(V, d)
         self.bigram = BigramHash(c["BIGRAM_VOCAB_SIZE"], c["BIGRAM_DIM"], d) if c["BIGRAM_VOCAB_SIZE"] else None
-        self.smear = SmearGate(d) if c["SMEAR_ENABLED"] else None
+        self.smear = SmearGate(d, c["SMEAR_MODE"], c["GATE_WINDOW"]) if c["SMEAR_ENABLED"] else None
         self.blocks = nn.ModuleList(Block(c, i) for i in range(L))
-        # U-Net: the first L//2 blocks push their outputs; the next ones pop them in reverse order
-        self.n_enc = L // 2 if c["UNET_SKIPS"] else 0
-        n_skip = min(self.n_enc, L - self.n_enc)
+        self.slots_off, self.slots_on, self.doc_mask = slot_layers(c, False), slot_layers(c, True), c["DOC_MASK"]
+        # U-Net over slots: the first half push their outputs, the next ones pop them in reverse order; weights for
+        # the looped sequence's pairs (the plain one uses the first of them)
+        S = len(self.slots_on)
+        n_skip = min(S // 2, S - S // 2) if c["UNET_SKIPS"] else 0
         self.skip_weights = nn.Parameter(torch.ones(n_skip, d)) if n_skip else None
         self.skip_gates = nn.Parameter(torch.zeros(n_skip, d)) if n_skip and c["SKIP_GATED"] else None
         kv_dim = c["NUM_KV_HEADS"] * (d // c["NUM_HEADS"])
         self.ve_layers = list(c["VE_LAYERS"]) if c["VE_ENABLED"] else []
         self.ve = ValueEmbedding(V, c["VE_DIM"], kv_dim, len(self.ve_layers)) if self.ve_layers else None
         self.lm_head = None if c["TIE_EMBEDDINGS"] else CastedLinear(d, V)
-        self.slots = list(range(L))  # the physical layer of each slot of the forward
         half = self.rope_dims // 2
         self.register_buffer("inv_freq", 1.0 / rope_base(c) ** (torch.arange(half) / max(half, 1)), persistent=False)
         self._init_weights(c["TIED_EMBED_INIT_STD"])
@@ -681,36 +753,47 @@ class GPT(nn.Module):
         if self.ve is not None:
             nn.init.normal_(self.ve.embed.weight, std=0.01)
 
+    @property
+    def slots(self):
+        """The physical layer of each slot of this forward: looped once LOOPING is on (always in the evals)."""
+        return self.slots_on if LOOPING else self.slots_off
+
     def head_weight(self):
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward_hidden(self, ids, lora=None, doc_mask=False):
+    def forward_hidden(self, ids, lora=None, doc_mask=None):
         """Final hidden states (after the final norm), [B, T, d]. lora: TTT's adapters (TTTAdapters) or None.
-        doc_mask: positions attend only to their own document (a BOS starts one)."""
+        doc_mask (default DOC_MASK): positions attend only to their own document (a BOS starts one)."""
+        doc_mask = self.doc_mask if doc_mask is None else doc_mask
         doc = torch.cumsum(ids == BOS_ID, 1) if doc_mask else None
         x = self.tok_emb(ids)
         if self.bigram is not None:
-            x = x + self.bigram(ids).to(x.dtype)
-        x = rms_norm(x)
-        if self.smear is not None:
-            x = self.smear(x)
+            x = x + self.bigram(ids, doc_mask).to(x.dtype)
+        smear = self.smear.mode if self.smear is not None else None
+        x = rms_norm(self.smear(x, ids) if smear == "input" else x)
+        x = self.smear(x, ids) if smear == "channel" else x
         x0 = x
         t = torch.arange(ids.size(1), device=ids.device, dtype=torch.float32)
         freqs = torch.outer(t, self.inv_freq)[None, :, None, :]
         cos, sin = freqs.cos(), freqs.sin()
         ve = self.ve(ids) if self.ve is not None else None
-        skips = []
-        for i, block in enumerate(self.blocks):
-            k = i - self.n_enc
-            if self.skip_weights is not None and 0 <= k < len(self.skip_weights):
-                s = self.skip_weights[k].to(x.dtype) * skips.pop()
-                gate = None if self.skip_gates is None else torch.sigmoid(self.skip_gates[k]).to(x.dtype)
-                x = x + s if gate is None else torch.lerp(x, s, gate)
-            ve_i = ve * self.ve.layer_scales[self.ve_layers.index(i)].to(ve.dtype) if i in self.ve_layers else None
-            x = block(x, x0, cos, sin, ve_i, doc, lora and lora.slot(i))
-            if i < self.n_enc:
-                skips.append(x)
-        return rms_norm(x)
+        slots, skips, lanes = self.slots, [], None
+        n_enc = len(slots) // 2 if self.skip_weights is not None else 0
+        for i, layer in enumerate(slots):
+            k = i - n_enc
+            if 0 <= k < min(n_enc, len(slots) - n_enc):  # a skip joins the stream (lane 0 in the parallel layers)
+                s = self.skip_weights[k].to(x0.dtype) * skips.pop()
+                gate = None if self.skip_gates is None else torch.sigmoid(self.skip_gates[k]).to(x0.dtype)
+                joined = lanes[0] if lanes else x
+                joined = joined + s if gate is None else torch.lerp(joined, s, gate)
+                x, lanes = (joined, None) if lanes is None else (x, (joined, lanes[1]))
+            ve_i = (ve * self.ve.layer_scales[self.ve_layers.index(layer)].to(ve.dtype) if layer in self.ve_layers
+                    else None)
+            out = self.blocks[layer](lanes or x, x0, cos, sin, ve_i, doc, lora and lora.slot(i))
+            x, lanes = (out, None) if isinstance(out, torch.Tensor) else (x, out)
+            if i < n_enc:
+                skips.append(lanes[0] if lanes else x)
+        return rms_norm((lanes[0] + lanes[1]) / 2 if lanes else x)
 
     def logits(self, h, bias=None, lora=None):
         if lora is not None:
@@ -737,16 +820,25 @@ def table_dtype(device):
 
 # ----------------------------------------------------------------------------- optimizer
 
-def newton_schulz(g, steps):
-    """Quintic Newton-Schulz iteration in bf16: pushes every singular value of each matrix in g [..., r, c]
-    towards 1, i.e. approximately orthogonalises it."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+NS_COEFFS = {"quintic": [(3.4445, -4.7750, 2.0315)],
+             "polar": [(8.156554524902461, -22.48329292557795, 15.878769915207462),  # Polar-Express, one per step
+                       (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                       (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                       (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                       (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]}
+
+def newton_schulz(g, steps, kind="quintic"):
+    """Newton-Schulz iteration X <- aX + (bA + cA^2)X, A = XX^T, in bf16: pushes every singular value of each matrix
+    in g [..., r, c] towards 1, i.e. approximately orthogonalises it. quintic: one (a, b, c); polar: Polar-Express's
+    per-step triples (the last one repeats past 5 steps)."""
+    coeffs = NS_COEFFS[kind]
     x = g.bfloat16()
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = coeffs[min(i, len(coeffs) - 1)]
         A = x @ x.mT
         x = a * x + (b * A + c * A @ A) @ x
     return x.mT if tall else x
@@ -755,10 +847,11 @@ class Muon(torch.optim.Optimizer):
     """Nesterov momentum, then Newton-Schulz. Matrices of one shape form a bank orthogonalised as one batch;
     each rank takes its share of every bank and a single all-reduce hands the updates to all ranks."""
 
-    def __init__(self, params, lr, momentum, backend_steps, weight_decay, rank=0, world=1):
+    def __init__(self, params, lr, momentum, backend_steps, weight_decay, rank=0, world=1, ns="quintic",
+                 row_norm=False):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
                                             weight_decay=weight_decay))
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.ns, self.row_norm = rank, world, ns, row_norm
 
     @torch.no_grad()
     def step(self):
@@ -775,8 +868,10 @@ class Muon(torch.optim.Optimizer):
                 u = torch.zeros((len(ps),) + ps[0].shape, dtype=dtype, device=ps[0].device)
                 if mine:
                     g = torch.stack([self._nesterov(p, group["momentum"]) for p in mine])
+                    if self.row_norm:  # MuonEq-R: every row of the update at unit norm before Newton-Schulz
+                        g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7)
                     rows, cols = g.shape[-2:]
-                    u[lo:lo + len(mine)] = newton_schulz(g, group["backend_steps"]) * max(1.0, rows / cols) ** 0.5
+                    u[lo:lo + len(mine)] = newton_schulz(g, group["backend_steps"], self.ns) * max(1.0, rows / cols) ** 0.5
                 updates.append(u)
             if self.world > 1:
                 flat = torch.cat([u.view(-1) for u in updates])
@@ -805,30 +900,37 @@ def build_optimizers(model, a, rank, world):
         kind = ("head" if name == "lm_head.weight" else "matrix" if id(p) in matrices
                 else "table" if id(p) in tables else "scalar")
         groups[kind].append(p)
-    adam_groups = [dict(params=groups["table"], lr=a.tied_embed_lr), dict(params=groups["scalar"], lr=a.scalar_lr),
+    wd = lambda v: a.adam_wd if v == -1 else v
+    adam_groups = [dict(params=groups["table"], lr=a.tied_embed_lr, weight_decay=wd(a.embed_wd)),
+                   dict(params=groups["scalar"], lr=a.scalar_lr, weight_decay=wd(a.scalar_wd)),
                    dict(params=groups["head"], lr=a.head_lr)]
     adam = torch.optim.AdamW([g for g in adam_groups if g["params"]], betas=(a.beta1, a.beta2), eps=a.adam_eps,
                              weight_decay=a.adam_wd, fused=next(model.parameters()).is_cuda)
-    muon = Muon(groups["matrix"], a.matrix_lr, a.muon_momentum, a.muon_backend_steps, a.muon_wd, rank, world)
+    muon = Muon(groups["matrix"], a.matrix_lr, a.muon_momentum, a.muon_backend_steps, a.muon_wd, rank, world,
+                a.muon_ns, a.muon_row_norm)
     for opt in (adam, muon):
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
     return adam, muon
 
+def train_fraction(step, elapsed_ms, a, budget_ms):
+    """How far training is: of the time budget, or of ITERATIONS without a cap."""
+    return elapsed_ms / budget_ms if budget_ms > 0 else step / a.iterations
+
 def lr_multiplier(step, elapsed_ms, a, budget_ms):
-    """1 until the warm-down, then linear to 0. WARMDOWN_FRAC > 0: over that fraction of the time budget (of
-    ITERATIONS without a cap), as the later records do. Else over the last WARMDOWN_ITERS steps before ITERATIONS
-    or, with a time cap, over the last WARMDOWN_ITERS mean step times before the cap, whichever comes first."""
+    """1 until the warm-down, then linear to 0, floored at MIN_LR. WARMDOWN_FRAC > 0: over that fraction of the run
+    (train_fraction), as the later records do. Else over the last WARMDOWN_ITERS steps before ITERATIONS or, with a
+    time cap, over the last WARMDOWN_ITERS mean step times before the cap, whichever comes first."""
     if a.warmdown_frac > 0:
-        left = 1 - (elapsed_ms / budget_ms if budget_ms > 0 else step / a.iterations)
-        return min(1.0, max(left, 0.0) / a.warmdown_frac)
+        left = 1 - train_fraction(step, elapsed_ms, a, budget_ms)
+        return max(a.min_lr, min(1.0, max(left, 0.0) / a.warmdown_frac))
     if a.warmdown_iters == 0:
         return 1.0
     by_steps = min(1.0, max(a.iterations - step, 0) / a.warmdown_iters)
     if budget_ms > 0:
         warmdown_ms = a.warmdown_iters * elapsed_ms / max(step, 1)
-        return min(by_steps, max(budget_ms - elapsed_ms, 0.0) / warmdown_ms if warmdown_ms else 1.0)
-    return by_steps
+        by_steps = min(by_steps, max(budget_ms - elapsed_ms, 0.0) / warmdown_ms if warmdown_ms else 1.0)
+    return max(a.min_lr, by_steps)
 
 class WeightAverage:
     """fp32 EMA (decay d) or SWA (running mean of the snapshots) of the parameters, updated with foreach ops."""
@@ -856,7 +958,8 @@ class Ctx:
 
     def __init__(self, rank, world, local_rank, device):
         self.rank, self.world, self.local_rank, self.device = rank, world, local_rank, device
-        self.main, self.bf16 = rank == 0, device.type == "cuda"  # bf16: autocast (tests turn it on for the CPU)
+        # bf16 autocast and torch.compile on CUDA (COMPILE=1); tests turn them on for the CPU
+        self.main, self.bf16, self.compile = rank == 0, device.type == "cuda", device.type == "cuda"
         self.log_file, self.graphs = None, 0  # log: opened by open_run() on rank 0
 
     def log(self, msg):
@@ -902,11 +1005,11 @@ class Ctx:
 def train(a, ctx, model, train_files, val):
     """Runs the training loop; returns (steps, train_ms, loader). Leaves the final weights (SWA, EMA or raw) in
     model; the loader is positioned after the last training batch, for GPTQ_CALIB=train."""
-    global QAT
+    global QAT, LOOPING
+    LOOPING = False  # the loop (NUM_LOOPS) switches on at ENABLE_LOOPING_AT
     loader = TrainLoader(train_files, ctx.rank, ctx.world, ctx.device, a.vocab_size)
     # flash-attn kernels may not trace whole, so fullgraph is demanded only of the SDPA path
-    compiled = (torch.compile(model, dynamic=False, fullgraph=ATTN_FN is None) if ctx.device.type == "cuda"
-                and a.compile else model)
+    compiled = torch.compile(model, dynamic=False, fullgraph=ATTN_FN is None) if ctx.compile and a.compile else model
     net = compiled
     if ctx.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -941,10 +1044,13 @@ def train(a, ctx, model, train_files, val):
         t = time.perf_counter()
         saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
         saved_opt = [copy.deepcopy(opt.state_dict()) for opt in (adam, muon)]
-        for i in range(a.warmup_steps):  # the last one also compiles the late-QAT graph: no compile at the switch
-            QAT = a.late_qat_threshold > 0 and i == a.warmup_steps - 1
+        # the last steps compile every variant the run can switch to (loop on, late QAT on, both): no compile later
+        variants = [(q, lp) for lp in [False, True][:1 + (a.num_loops > 0)]
+                    for q in [False, True][:1 + (a.late_qat_threshold > 0)]]
+        for i in range(a.warmup_steps):
+            QAT, LOOPING = variants[max(0, i + len(variants) - a.warmup_steps)]
             step_fn(0, 1.0)
-        QAT = False
+        QAT = LOOPING = False
         model.load_state_dict(saved)
         for opt, st in zip((adam, muon), saved_opt):
             opt.load_state_dict(st)
@@ -972,7 +1078,12 @@ def train(a, ctx, model, train_files, val):
             ctx.log(f"step:{step}/{a.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{train_ms:.0f}ms "
                     f"step_avg:{train_ms / step:.2f}ms")
             t0 = time.perf_counter()
-        mul = lr_multiplier(step, clock[1] + (step - clock[0]) * clock[2], a, budget_ms)
+        now = clock[1] + (step - clock[0]) * clock[2]
+        mul = lr_multiplier(step, now, a, budget_ms)
+        if a.num_loops and not LOOPING and train_fraction(step, now, a, budget_ms) >= a.enable_looping_at:
+            LOOPING = True
+            ctx.log(f"looping: layers {a.loop_start}..{a.loop_end} run {a.num_loops} more times from step {step} "
+                    f"({len(model.slots)} slots)")
         if a.late_qat_threshold > 0 and not QAT and mul < a.late_qat_threshold:
             QAT = True
             ctx.log(f"late_qat: int6 fake quantisation on at step {step} (lr multiplier {mul:.3f})")
@@ -1002,7 +1113,7 @@ def train(a, ctx, model, train_files, val):
         next_clock = step + max(1, int((budget_ms - elapsed) / recent / 2)) if budget_ms else a.iterations
     ctx.sync()
     train_ms += 1000 * (time.perf_counter() - t0)
-    QAT = False
+    QAT, LOOPING = False, True  # the exported model loops
     tokens = step * a.train_batch_tokens
     ctx.log(f"train_done: steps:{step} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms "
             f"tokens_per_s:{tokens / max(train_ms, 1e-9) * 1000:.0f} per_rank:"
@@ -1868,7 +1979,7 @@ def final_evals(a, ctx, model, val, results, label):
                             f"{stride} | {r[0]:.6f} | {r[1]:.6f} | {r[2]:.1f} |")
                 ctx.log("sweep_row " + rows[-1])
     ctx.compiles("eval (round trip, sliding, SLOT)")
-    ttt_grid, compiled = a.ttt_grid(), a.compile and ctx.device.type == "cuda"
+    ttt_grid, compiled = a.ttt_grid(), a.compile and ctx.compile
     if a.ttt_enabled and not ttt_grid:
         results["ttt"] = r = ttt_evaluate(ctx, model, val, a.ttt_point(), compiled=compiled)
         ctx.log(f"final_ttt_exact val_loss:{r[0]:.8f} val_bpb:{r[1]:.8f} eval_time:{r[2]:.1f}s "
@@ -1995,7 +2106,7 @@ def model_from(config, state, ctx, compile_eval):
     except RuntimeError as e:
         raise ConfigError(f"artifact tensors do not match its model config ({str(e).splitlines()[0]})") from None
     model.requires_grad_(False)
-    if compile_eval and ctx.device.type == "cuda":
+    if compile_eval and ctx.compile:
         model.eval_hidden = torch.compile(model.forward_hidden, dynamic=False)
     return model
 

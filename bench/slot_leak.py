@@ -25,13 +25,13 @@ import train_gpt  # noqa: E402
 SEEDS_SLOT = dict(delta="window", steps=16, lr=0.008, lr_min=0.0008, eps=1e-8, wd=0.01)  # SPEC section 7, seeds 000/001
 
 
-def toy_model(vocab, dim=64, layers=2, seed=0, perturb=0.0):
-    """A small model of the record architecture (every feature on), built through Settings like a run.
-    perturb > 0 adds N(0, perturb^2) to every parameter and gives the embedding unit scale, so that predictions
-    depend strongly on the context (random init alone is near-uniform)."""
+def toy_model(vocab, dim=64, layers=2, seed=0, perturb=0.0, **extra):
+    """A small model of the record architecture (every feature on), built through Settings like a run; `extra`
+    settings (e.g. NUM_LOOPS=1) override. perturb > 0 adds N(0, perturb^2) to every parameter and gives the
+    embedding unit scale, so that predictions depend strongly on the context (random init alone is near-uniform)."""
     env = dict(VOCAB_SIZE=vocab, NUM_LAYERS=layers, MODEL_DIM=dim, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2,
                ROPE_DIMS=4, XSA_LAST_N=layers, BIGRAM_VOCAB_SIZE=256, BIGRAM_DIM=16, VE_DIM=16,
-               VE_LAYERS=",".join(str(i) for i in range(layers)))
+               VE_LAYERS=",".join(str(i) for i in range(layers)), **extra)
     cfg = train_gpt.Settings({k: str(v) for k, v in env.items()}).arch()
     torch.manual_seed(seed)
     model = train_gpt.GPT(cfg)

@@ -104,7 +104,10 @@ def test_settings_class(case):
 @pytest.mark.parametrize("extra", [{}, {"TIE_EMBEDDINGS": "0", "SKIP_GATED": "1", "SMEAR_ENABLED": "0"},
                                    {"UNET_SKIPS": "0", "BIGRAM_VOCAB_SIZE": "0", "VE_ENABLED": "0", "NUM_LAYERS": "3",
                                     "XSA_LAST_N": "1"},
-                                   {"TRAIN_SEQ_LEN": "100", "TRAIN_BATCH_TOKENS": "1600", "GRAD_ACCUM_STEPS": "2"}])
+                                   {"TRAIN_SEQ_LEN": "100", "TRAIN_BATCH_TOKENS": "1600", "GRAD_ACCUM_STEPS": "2"},
+                                   {"NUM_LOOPS": "2", "PARALLEL_START_LAYER": "8", "ATTN_OUT_GATE": "1",
+                                    "SMEAR_MODE": "input", "DOC_MASK": "1", "SKIP_GATED": "1", "GATE_WINDOW": "7"},
+                                   {"NUM_LOOPS": "1", "LOOP_START": "0", "LOOP_END": "9", "UNET_SKIPS": "1"}])
 def test_param_count_matches_the_model_and_configs_round_trip(extra):
     c = tg.Settings({"MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "ROPE_DIMS": "8", **extra}).arch()
     assert tg.param_count(c) == sum(p.numel() for p in tg.GPT(c).parameters())

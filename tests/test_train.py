@@ -164,11 +164,11 @@ def test_xsa_grouping_matches_attention_grouping(H, KV):
 def test_smeargate_matches_loop():
     torch.manual_seed(0)
     B, T, d = 2, 6, 8
-    sg = tg.SmearGate(d)
+    sg = tg.SmearGate(d, "channel", 4)
     with torch.no_grad():
         sg.gate.copy_(torch.randn(d) * 2)
     x = torch.randn(B, T, d)
-    out = sg(x)
+    out = sg(x, torch.full((B, T), 5))
     ref = torch.empty_like(x)
     for b in range(B):
         for t in range(T):
@@ -178,7 +178,7 @@ def test_smeargate_matches_loop():
                 ref[b, t, c] = (1 - s) * x[b, t, c].item() + s * prev
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     # gate init 0: sigma = 1/2, an equal blend with the previous position
-    torch.testing.assert_close(tg.SmearGate(d)(x)[:, 1:], (x[:, 1:] + x[:, :-1]) / 2)
+    torch.testing.assert_close(tg.SmearGate(d, "channel", 4)(x, torch.full((B, T), 5))[:, 1:], (x[:, 1:] + x[:, :-1]) / 2)
 
 
 @pytest.mark.parametrize("rows", [2048, 3072, 512, 2])
@@ -303,7 +303,7 @@ def test_muon_step_matches_manual():
 # ----------------------------------------------------------------------------- 5. warm-down schedule
 
 def sched(**kw):
-    return SimpleNamespace(**{"iterations": 100, "warmdown_iters": 20, "warmdown_frac": 0.0, **kw})
+    return SimpleNamespace(**{"iterations": 100, "warmdown_iters": 20, "warmdown_frac": 0.0, "min_lr": 0.0, **kw})
 
 
 def test_lr_multiplier_iteration_based():

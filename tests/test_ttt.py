@@ -27,9 +27,19 @@ P = tg.Settings({}).ttt_point(rank=4, chunk=8, batch=3, seq_len=32, phases=2, pr
 LENS = [30, 5, 70, 12, 1, 44, 90, 20, 9, 33]
 
 
-@pytest.fixture(scope="module")
-def sharp_model():
-    return slot_leak.toy_model(vocab=V, dim=32, layers=2, seed=1, perturb=0.3)
+# the seeds' architecture, and the record's parts on (a loop: 6 slots over 4 layers, parallel lanes, gates,
+# input SmearGate, document-masked attention, gated skips): every legality test holds for both
+FRONTIER = dict(NUM_LOOPS=1, LOOP_START=1, LOOP_END=2, PARALLEL_START_LAYER=3, ATTN_OUT_GATE=1, SMEAR_MODE="input",
+                DOC_MASK=1, SKIP_GATED=1, GATE_WINDOW=8)
+
+
+@pytest.fixture(scope="module", params=["seeds", "frontier"])
+def sharp_model(request):
+    if request.param == "seeds":
+        return slot_leak.toy_model(vocab=V, dim=32, layers=2, seed=1, perturb=0.3)
+    model = slot_leak.toy_model(vocab=V, dim=32, layers=4, seed=1, perturb=0.3, **FRONTIER)
+    assert model.slots == [0, 1, 2, 1, 2, 3]  # evals loop
+    return model
 
 
 def make_docs(lens, seed=0, vocab=V):

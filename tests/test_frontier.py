@@ -1,0 +1,317 @@
+"""The best record's model and optimizer parts (SPEC section 10), each a switch that is off by default: depth
+recurrence, parallel lanes, the attention-output and input SmearGate gates, document-masked attention, Polar-Express
+Newton-Schulz, MuonEq-R, the lr floor and per-group weight decay. Each is checked against an independent computation
+(the formula by hand, or the blocks run by hand), and the defaults against the seeds' model."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TOY
+import train_gpt as tg
+
+CPU = torch.device("cpu")
+SMALL = dict(TOY, NUM_LAYERS="6", XSA_LAST_N="6", VE_LAYERS="4,5", VOCAB_SIZE="1024")
+ALL_ON = dict(NUM_LOOPS="2", LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="4", ATTN_OUT_GATE="1",
+              SMEAR_MODE="input", DOC_MASK="1", SKIP_GATED="1")
+
+
+def model_of(seed=0, perturb=0.2, **env):
+    cfg = tg.Settings({**SMALL, **{k: str(v) for k, v in env.items()}}).arch()
+    torch.manual_seed(seed)
+    model = tg.GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(perturb * torch.randn_like(p))  # no zero-init shortcut: every path carries signal
+    return model.requires_grad_(False)
+
+
+@pytest.fixture(autouse=True)
+def _looping_restored():
+    yield
+    tg.LOOPING = True
+
+
+def ids_of(B=2, T=48, seed=0, bos=()):
+    ids = torch.randint(2, 1024, (B, T), generator=torch.Generator().manual_seed(seed))
+    for b, t in bos:
+        ids[b, t] = tg.BOS_ID
+    return ids
+
+
+def rope(model, T):
+    freqs = torch.outer(torch.arange(T, dtype=torch.float32), model.inv_freq)[None, :, None, :]
+    return freqs.cos(), freqs.sin()
+
+
+def by_hand(model, ids, slots):
+    """The forward written out over an explicit slot list: input path, U-Net pairs by slot (the first half push,
+    the next ones pop in reverse), value embeddings by physical layer, the final norm."""
+    x = model.tok_emb(ids) + model.bigram(ids)
+    x = model.smear(tg.rms_norm(x), ids)
+    x0, (cos, sin), ve = x, rope(model, ids.size(1)), model.ve(ids)
+    n_enc, stack = len(slots) // 2, []
+    for i, layer in enumerate(slots):
+        if n_enc <= i < 2 * n_enc:
+            x = x + model.skip_weights[i - n_enc] * stack.pop()
+        v = ve * model.ve.layer_scales[model.ve_layers.index(layer)] if layer in model.ve_layers else None
+        x = model.blocks[layer](x, x0, cos, sin, v)
+        if i < n_enc:
+            stack.append(x)
+    return tg.rms_norm(x)
+
+
+# ----------------------------------------------------------------------------- depth recurrence
+
+
+def test_loops_off_equal_the_plain_model():
+    """NUM_LOOPS=2 with the loop off (early training) is the plain 6-layer model: same blocks, same 3 skip pairs
+    (the looped model holds 5 pairs' weights; the plain sequence uses the first 3)."""
+    looped, plain = model_of(NUM_LOOPS=2, LOOP_START=1, LOOP_END=2), model_of(seed=1)
+    state = looped.state_dict()
+    state["skip_weights"] = state["skip_weights"][:3]
+    plain.load_state_dict(state)
+    ids = ids_of()
+    tg.LOOPING = False
+    assert looped.slots == [0, 1, 2, 3, 4, 5]
+    torch.testing.assert_close(looped.forward_hidden(ids), plain.forward_hidden(ids), rtol=0, atol=0)
+    torch.testing.assert_close(plain.forward_hidden(ids), by_hand(plain, ids, list(range(6))), rtol=1e-5, atol=1e-6)
+
+
+def test_loops_on_run_the_blocks_again_with_skips_paired_by_slot():
+    model = model_of(NUM_LOOPS=2, LOOP_START=1, LOOP_END=2)
+    slots = [0, 1, 2, 1, 2, 1, 2, 3, 4, 5]
+    assert model.slots == slots and model.skip_weights.shape[0] == 5  # evals loop; 10 slots: 5 pairs
+    ids = ids_of()
+    torch.testing.assert_close(model.forward_hidden(ids), by_hand(model, ids, slots), rtol=1e-5, atol=1e-6)
+    tg.LOOPING = False
+    assert (model.forward_hidden(ids) - by_hand(model, ids, slots)).abs().max() > 1e-2
+
+
+def test_record_loop_is_17_slots_and_the_artifact_does_not_grow():
+    c = tg.Settings({"NUM_LOOPS": "2", "LOOP_START": "3", "LOOP_END": "5"}).arch()
+    assert tg.slot_layers(c, True) == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
+    plain = tg.param_count(tg.Settings({}).arch())
+    assert tg.param_count(c) == plain + 3 * 512  # only skip weights for 8 pairs instead of 5
+
+
+# ----------------------------------------------------------------------------- parallel lanes, gates
+
+
+def test_parallel_layer_is_the_spec_formula():
+    """a = attn_scale Attn(RMSNorm(mix0 lane0 + mix1 x0) s), m = mlp_scale MLP(RMSNorm(lane1) s),
+    lane_l <- r_l lane_l + P[a->l] a + P[m->l] m; at the first parallel layer both lanes start as x."""
+    model = model_of(PARALLEL_START_LAYER=4)
+    blk = model.blocks[4]
+    assert blk.parallel and not model.blocks[3].parallel
+    with torch.no_grad():
+        blk.lane_r.copy_(torch.tensor([1.3, 0.7]))
+        blk.lane_p.copy_(torch.tensor([[0.5, 2.0], [1.5, -0.5]]))
+    g = torch.Generator().manual_seed(3)
+    l0, l1, x0 = (torch.randn(2, 16, 64, generator=g) for _ in range(3))
+    cos, sin = rope(model, 16)
+    s, mix = blk.in_scale, blk.resid_mix
+    a = blk.attn_scale * blk.attn(tg.rms_norm(mix[0] * l0 + mix[1] * x0) * s, cos, sin, None)
+    m = blk.mlp_scale * blk.mlp(tg.rms_norm(l1) * s)
+    out0, out1 = blk((l0, l1), x0, cos, sin, None)
+    torch.testing.assert_close(out0, 1.3 * l0 + 0.5 * a + 1.5 * m, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out1, 0.7 * l1 + 2.0 * a - 0.5 * m, rtol=1e-5, atol=1e-6)
+    both = blk(l0, x0, cos, sin, None)  # one stream in: both lanes start as it
+    ref = blk((l0, l0), x0, cos, sin, None)
+    torch.testing.assert_close(both[0], ref[0]) and torch.testing.assert_close(both[1], ref[1])
+    fresh = tg.GPT(tg.Settings({**SMALL, "PARALLEL_START_LAYER": "4"}).arch()).blocks[5]
+    assert fresh.lane_r.tolist() == pytest.approx([1.1, 1.1]) and fresh.lane_p.tolist() == [[1, 1], [1, 1]]
+
+
+def test_final_hidden_state_is_the_mean_of_the_lanes(monkeypatch):
+    model = model_of(PARALLEL_START_LAYER=4)
+    lanes, seen, norm = {}, [], tg.rms_norm
+    model.blocks[5].register_forward_hook(lambda mod, inp, out: lanes.update(out=out))
+    monkeypatch.setattr(tg, "rms_norm", lambda x: (seen.append(x), norm(x))[1])
+    h = model.forward_hidden(ids_of())
+    l0, l1 = lanes["out"]
+    torch.testing.assert_close(seen[-1], (l0 + l1) / 2, rtol=0, atol=0)
+    torch.testing.assert_close(h, norm((l0 + l1) / 2), rtol=0, atol=0)
+    assert (l0 - l1).abs().max() > 1e-2
+
+
+def test_attention_output_gate_is_its_formula():
+    """Per head g = sigmoid(scale W n[:window]) on the output after XSA, before the projection; W = 0 at init: 1/2."""
+    model = model_of(ATTN_OUT_GATE=1, GATE_WINDOW=12, ATTN_GATE_SCALE=0.5, perturb=0.0)
+    attn = model.blocks[5].attn
+    assert attn.gate_w.shape == (4, 12) and attn.gate_w.abs().max() == 0
+    g = torch.Generator().manual_seed(1)
+    n = torch.randn(2, 16, 64, generator=g)
+    cos, sin = rope(model, 16)
+    with torch.no_grad():
+        for lin in (attn.q, attn.k, attn.v, attn.proj):
+            lin.weight.normal_(0, 0.2, generator=g)
+    captured = {}
+    attn.proj.register_forward_hook(lambda mod, inp, out: captured.update(y=inp[0]))
+    attn(n, cos, sin, None)
+    at_init = captured["y"].view(2, 16, 4, 16)
+    with torch.no_grad():
+        attn.gate_w.normal_(0, 1.0, generator=g)
+    attn(n, cos, sin, None)
+    gated = captured["y"].view(2, 16, 4, 16)
+    raw = at_init * 2  # at init every head was halved
+    gate = torch.sigmoid(0.5 * torch.einsum("btw,hw->bth", n[..., :12], attn.gate_w))
+    torch.testing.assert_close(gated, raw * gate[..., None], rtol=1e-5, atol=1e-6)
+
+
+def test_input_smeargate_is_its_formula_and_stops_at_bos():
+    """x_t += lambda sigmoid(w . x_t[:window]) x_{t-1} [id_t != BOS]; zero at init (w = lambda = 0)."""
+    sg = tg.SmearGate(8, "input", 3)
+    x = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(2))
+    ids = torch.tensor([[5, 6, 1, 7, 8, 9], [1, 4, 4, 1, 4, 4]])
+    torch.testing.assert_close(sg(x, ids), x)
+    with torch.no_grad():
+        sg.gate_w.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        sg.lam.fill_(0.7)
+    ref = x.clone()
+    for b in range(2):
+        for t in range(1, 6):
+            if ids[b, t] != tg.BOS_ID:
+                gate = 1 / (1 + math.exp(-float(x[b, t, :3] @ sg.gate_w.detach())))
+                ref[b, t] = x[b, t] + 0.7 * gate * x[b, t - 1]
+    torch.testing.assert_close(sg(x, ids), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_documents_never_see_each_other_with_doc_mask_and_input_smear(on):
+    """DOC_MASK=1 + SMEAR_MODE=input (BigramHash on too): changing every token of document k leaves every logit of
+    document k+1 unchanged, though they share the window; with the seeds' settings the change leaks."""
+    env = dict(DOC_MASK=1, SMEAR_MODE="input") if on else {}
+    model = model_of(**env, NUM_LOOPS=1, LOOP_START=1, LOOP_END=2, PARALLEL_START_LAYER=4, ATTN_OUT_GATE=1)
+    ids = ids_of(B=1, T=64, bos=[(0, 0), (0, 20), (0, 41)])
+    changed = ids.clone()
+    changed[0, 21:41] = torch.randint(2, 1024, (20,), generator=torch.Generator().manual_seed(9))
+    a, b = (model.logits(model.forward_hidden(t)) for t in (ids, changed))
+    leak = (a[0, 41:] - b[0, 41:]).abs().max().item()
+    assert (leak == 0.0) if on else leak > 1e-3
+    assert (a[0, :21] - b[0, :21]).abs().max() == 0  # the past is never affected
+    assert (a[0, 21:41] - b[0, 21:41]).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def test_polar_express_leaves_singular_values_nearer_one_than_quintic(capsys):
+    """Random matrices with singular values spread over two decades: after 5 steps Polar-Express's mean distance of
+    the singular values from 1 is well below the quintic's (printed)."""
+    dist = {}
+    for kind in ("quintic", "polar"):
+        g, errs = torch.Generator().manual_seed(0), []
+        for shape in [(64, 64), (128, 64), (64, 192), (96, 32)] * 3:
+            m = torch.randn(*shape, generator=g) * torch.logspace(-2, 0, shape[1])
+            errs.append((torch.linalg.svdvals(tg.newton_schulz(m, 5, kind).float()) - 1).abs())
+        dist[kind] = (torch.cat(errs).mean().item(), torch.cat(errs).max().item())
+    with capsys.disabled():
+        print("\n|singular value - 1| after 5 steps, mean / max: " + ", ".join(
+            f"{k} {m:.3f} / {x:.3f}" for k, (m, x) in dist.items()))
+    assert dist["polar"][0] < 0.7 * dist["quintic"][0]
+    assert tg.NS_COEFFS["polar"][0] == (8.156554524902461, -22.48329292557795, 15.878769915207462)
+
+
+def test_muoneq_r_rows_reach_newton_schulz_at_unit_norm(monkeypatch):
+    seen = []
+    real = tg.newton_schulz
+    monkeypatch.setattr(tg, "newton_schulz", lambda g, steps, kind="quintic": (seen.append(g.clone()),
+                                                                                 real(g, steps, kind))[1])
+    for row_norm in (True, False):
+        w = torch.nn.Parameter(torch.randn(8, 16) * 3)
+        w.grad = torch.randn(8, 16) * 5
+        tg.Muon([w], lr=0.01, momentum=0.9, backend_steps=5, weight_decay=0.0, row_norm=row_norm,
+                ns="polar").step()
+    norms_on, norms_off = seen[0].norm(dim=-1), seen[1].norm(dim=-1)
+    torch.testing.assert_close(norms_on, torch.ones_like(norms_on))
+    assert (norms_off - 1).abs().max() > 1
+
+
+def test_lr_multiplier_with_min_lr_is_the_records_formula():
+    """WARMDOWN_FRAC 0.85, MIN_LR 0.10: 1 until f = 0.15, then max((1 - f) / 0.85, 0.10)."""
+    a = tg.Settings({"WARMDOWN_FRAC": "0.85", "MIN_LR": "0.1", "ITERATIONS": "1000"})
+    for f in np.linspace(0, 1, 41):
+        want = 1.0 if f <= 0.15 else max((1 - f) / 0.85, 0.10)
+        assert tg.lr_multiplier(0, f * 600_000, a, 600_000.0) == pytest.approx(want, abs=1e-12)
+        assert tg.lr_multiplier(int(f * 1000), 0.0, a, 0.0) == pytest.approx(want, abs=1e-12)
+    b = tg.Settings({"MIN_LR": "0.25", "ITERATIONS": "100", "WARMDOWN_ITERS": "20"})
+    assert [tg.lr_multiplier(s, 0.0, b, 0.0) for s in (0, 80, 90, 95, 100)] == [1.0, 1.0, 0.5, 0.25, 0.25]
+
+
+def test_adamw_weight_decay_per_group():
+    model = tg.GPT(tg.Settings(SMALL).arch())
+    decays = lambda a: {len(g["params"]): g["weight_decay"] for g in tg.build_optimizers(model, a, 0, 1)[0].param_groups}
+    n_tables, n_scalars = 3, len(list(model.parameters())) - 3 - 6 * 6 - 2  # tok, bigram, ve tables; 36+2 to Muon
+    assert decays(tg.Settings({**SMALL, "ADAM_WD": "0.03"})) == {n_tables: 0.03, n_scalars: 0.03}
+    assert decays(tg.Settings({**SMALL, "EMBED_WD": "0.085", "SCALAR_WD": "0.02"})) == {n_tables: 0.085,
+                                                                                         n_scalars: 0.02}
+
+
+@pytest.mark.parametrize("env,msg", [({"LOOP_START": "4", "LOOP_END": "3", "NUM_LOOPS": "1"}, "LOOP_END"),
+                                     ({"LOOP_END": "11", "NUM_LOOPS": "1"}, "LOOP_END"),
+                                     ({"PARALLEL_START_LAYER": "11"}, "PARALLEL_START_LAYER"),
+                                     ({"PARALLEL_START_LAYER": "4", "NUM_LOOPS": "1"}, "PARALLEL_START_LAYER"),
+                                     ({"SMEAR_MODE": "token"}, "SMEAR_MODE"), ({"MUON_NS": "cubic"}, "MUON_NS"),
+                                     ({"MIN_LR": "1.5"}, "MIN_LR"), ({"EMBED_WD": "-0.5"}, "EMBED_WD"),
+                                     ({"GATE_WINDOW": "600"}, "GATE_WINDOW"), ({"ENABLE_LOOPING_AT": "2"},
+                                                                              "ENABLE_LOOPING_AT")])
+def test_bad_frontier_settings_are_config_errors(env, msg):
+    with pytest.raises(tg.ConfigError, match=msg):
+        tg.Settings(env)
+
+
+# ----------------------------------------------------------------------------- compile: no graph after warm-up
+
+
+def test_loop_and_qat_switches_compile_nothing_after_the_warm_up(toy_env, monkeypatch):
+    """train() compiles every variant (loop off/on x late QAT off/on) in its warm-up steps; the timed steps, which
+    switch the loop on at 40 % and QAT on late, add no graph and never break one (fullgraph). Dynamo's graph count
+    does not depend on the backend; aot_eager keeps this quick on a CPU."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, **{**kw, "backend": "aot_eager"}))
+    a = tg.Settings({**toy_env, **ALL_ON, "NUM_LAYERS": "3", "XSA_LAST_N": "3", "VE_LAYERS": "2", "LOOP_START": "1",
+                     "LOOP_END": "1", "PARALLEL_START_LAYER": "2", "ITERATIONS": "10", "WARMUP_STEPS": "4", "ENABLE_LOOPING_AT": "0.4", "WARMDOWN_ITERS": "10",
+                     "LATE_QAT_THRESHOLD": "0.3", "TRAIN_LOG_EVERY": "100"})
+    ctx = tg.Ctx(0, 1, 0, CPU)
+    ctx.compile, lines = True, []
+    ctx.log = lines.append
+    files = tg.find_shards(toy_env["DATA_PATH"], "train")
+    tokens = np.concatenate([tg.load_shard(f, 1024) for f in tg.find_shards(toy_env["DATA_PATH"], "val")])[:1025]
+    torch.manual_seed(0)
+    model = tg.build_model(a.arch(), CPU)
+    tg.train(a, ctx, model, files, (tokens, np.ones(len(tokens) - 1)))
+    graphs = [int(l.split("graphs:")[1].split()[0]) for l in lines if l.startswith("compile: train")]
+    assert graphs == [4], lines  # forward+backward of the 4 variants, all in the warm-up
+    assert any(l.startswith("looping: layers 1..1 run 2 more times from step 4") for l in lines), lines
+    assert any(l.startswith("late_qat:") for l in lines), lines
+    assert counters["stats"]["unique_graphs"] == 4
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- through the script
+
+
+def test_toy_run_with_every_option_on_trains_exports_reloads_and_scores(toy_env, run_script):
+    """Every new option on: the run trains (the loop switches on), exports, and an eval-only run of its artifact
+    gives the very same round-trip figure; sliding, causal SLOT and TTT all score."""
+    env = {**toy_env, **ALL_ON, "NUM_LAYERS": "6", "XSA_LAST_N": "6", "VE_LAYERS": "4,5", "ITERATIONS": "6",
+           "ENABLE_LOOPING_AT": "0.5", "MUON_NS": "polar", "MUON_ROW_NORM": "1", "MIN_LR": "0.1",
+           "WARMDOWN_FRAC": "0.85", "EMBED_WD": "0.085", "SCALAR_WD": "0.02", "SLOT_MODE": "causal",
+           "TTT_ENABLED": "1", "TTT_LORA_RANK": "4", "TTT_LORA_ALPHA": "4", "TTT_EVAL_SEQ_LEN": "64",
+           "TTT_BATCH_SIZE": "8", "PHASED_TTT_PREFIX_DOCS": "6", "GLOBAL_TTT_CHUNK": "256", "VAL_TOKENS": "2048"}
+    r = run_script({**env, "RUN_ID": "front"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "looping: layers 1..2 run 2 more times from step 3 (10 slots)" in r.stdout
+    for line in ["final_int6_roundtrip_exact", "final_sliding_window_exact", "final_slot_exact mode:causal",
+                 "final_ttt_exact"]:
+        assert f"\n{line}" in r.stdout, line
+    again = run_script({**env, "RUN_ID": "front_eval", "EVAL_ONLY": "1", "ARTIFACT": str(r.log_dir / "front.int6.pgz"),
+                        "SLIDING_ENABLED": "0", "SLOT_ENABLED": "0", "TTT_ENABLED": "0"}, )
+    assert again.returncode == 0, again.stderr[-3000:]
+    pick = lambda out: next(x for x in out.splitlines() if x.startswith("final_int6_roundtrip_exact")).split(" eval_time")[0]
+    assert pick(again.stdout) == pick(r.stdout)
