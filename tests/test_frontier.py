@@ -315,3 +315,40 @@ def test_toy_run_with_every_option_on_trains_exports_reloads_and_scores(toy_env,
     assert again.returncode == 0, again.stderr[-3000:]
     pick = lambda out: next(x for x in out.splitlines() if x.startswith("final_int6_roundtrip_exact")).split(" eval_time")[0]
     assert pick(again.stdout) == pick(r.stdout)
+
+
+def frontier_env(repo):
+    lines = (repo / "record_frontier.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def test_record_frontier_env_holds_valid_settings_of_the_record(repo):
+    env = frontier_env(repo)
+    a = tg.Settings(env)  # every name a setting, every value valid
+    assert set(env) <= {n for n, *_ in tg.SETTINGS}
+    assert (a.num_loops, a.loop_start, a.loop_end, a.parallel_start_layer, a.muon_ns, a.min_lr) == (2, 3, 5, 8,
+                                                                                                    "polar", 0.1)
+    assert tg.slot_layers(a.arch(), True) == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
+
+
+def test_record_frontier_at_toy_size_lists_what_it_lacks_and_ends_with_a_submission(repo, toy_env, tmp_path):
+    """`bash run.sh record-frontier` with the preflight's toy sizes: the lines of what it cannot run come first,
+    the run takes record_frontier.env's settings (an explicit one wins) and ends with a TTT headline."""
+    import os
+    import subprocess
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "OMP_NUM_THREADS": "1",
+           "OMP_WAIT_POLICY": "PASSIVE", "LOG_DIR": str(tmp_path), "PREFLIGHT": "0", **toy_env,
+           "ITERATIONS": "6", "WARMUP_STEPS": "4", "VAL_TOKENS": "2048", "TTT_EVAL_SEQ_LEN": "64",
+           "TTT_LORA_RANK": "8", "MATRIX_LR": "0.02", "NUM_LAYERS": "11", "XSA_LAST_N": "11", "VE_LAYERS": "9,10"}
+    proc = subprocess.run(["bash", "run.sh", "record-frontier", "3"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout.splitlines()
+    lacks = [i for i, l in enumerate(out) if l.startswith("record-frontier: lacks ")]
+    assert lacks and lacks == list(range(len(lacks)))  # up front, before the run's first line
+    settings = next(l for l in out if l.startswith("settings: "))
+    for kv in ["MUON_NS=polar", "NUM_LOOPS=2", "PARALLEL_START_LAYER=8", "MIN_LR=0.1", "TTT_ENABLED=True",
+               "MATRIX_LR=0.02", "VE_ENABLED=False", "BIGRAM_VOCAB_SIZE=512"]:
+        assert f" {kv} " in f" {settings} ", kv
+    sub = (tmp_path / "frontier_seed3.submission.json").read_text()
+    assert '"metric": "ttt"' in sub
