@@ -116,7 +116,8 @@ cmd=${1:-help}
 shift || true
 case "$cmd" in
   smoke)  # train + export + round trip + sliding + SLOT (scored); then, eval-only on that artifact, the legal evals:
-    # sliding, causal SLOT and score-first TTT (toy TTT settings: rank 8, lr 0.01, windows of 128, 40 prefix docs)
+    # sliding, causal SLOT and score-first TTT (toy TTT settings: rank 8 at the record's alpha/rank 1.8, lr 0.01,
+    # windows of 128, 40 prefix docs)
     ensure_deps
     toy_defaults
     run=${RUN_ID:-smoke}
@@ -124,7 +125,8 @@ case "$cmd" in
       "${LOG_DIR:-logs}/${run}_legal".{txt,submission.json}  # reuse on purpose: a run never replaces another's files
     RUN_ID=$run python train_gpt.py
     RUN_ID=${run}_legal EVAL_ONLY=1 ARTIFACT=${LOG_DIR:-logs}/$run.int6.pgz SLOT_MODE=causal TTT_ENABLED=1 \
-      TTT_LR=${TTT_LR:-0.01} TTT_LORA_RANK=${TTT_LORA_RANK:-8} TTT_EVAL_SEQ_LEN=${TTT_EVAL_SEQ_LEN:-128} \
+      TTT_LR=${TTT_LR:-0.01} TTT_LORA_RANK=${TTT_LORA_RANK:-8} TTT_LORA_ALPHA=${TTT_LORA_ALPHA:-14.4} \
+      TTT_EVAL_SEQ_LEN=${TTT_EVAL_SEQ_LEN:-128} \
       PHASED_TTT_PREFIX_DOCS=${PHASED_TTT_PREFIX_DOCS:-40} python train_gpt.py
     ;;
   record)  # the record configuration on all local GPUs, after a preflight (PREFLIGHT=0 skips it)

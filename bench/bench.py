@@ -6,6 +6,7 @@ same run; sliding-eval tokens/s; SLOT windows/s. CUDA: the record config at one 
     python bench/bench.py                      # the table
     python bench/bench.py --ablate all         # then each speed change undone in turn, side by side
     python bench/bench.py --ablate gqa-copies,ema-loop,eval-batch-64
+    python bench/bench.py --ablate loops,doc-mask,record-frontier   # the record's parts: what each costs
 
 --ablate re-runs the same training and evaluation (same seed, same shards) with one speed change undone, i.e.
 with the implementation it replaced, and prints for each one how much slower it is than the current code ("gain":
@@ -121,12 +122,38 @@ VARIANTS = {
                  lambda: patched(tg.WeightAverage, "update", ema_update_loop)),
 }
 
+# the record's parts (issue 16), each turned on alone: what it costs, not a speed change undone
+OPTIONS = {
+    "loops": ("layers 3..5 run twice more (17 slots), on from the first step",
+              dict(NUM_LOOPS="2", LOOP_START="3", LOOP_END="5", ENABLE_LOOPING_AT="0")),
+    "lanes": ("parallel attention/MLP lanes from layer 8", dict(PARALLEL_START_LAYER="8")),
+    "attn-gate": ("per-head attention-output gate", dict(ATTN_OUT_GATE="1")),
+    "smear-input": ("input-dependent, BOS-masked SmearGate", dict(SMEAR_MODE="input")),
+    "doc-mask": ("attention within documents (flash-attn varlen, else SDPA with a mask)", dict(DOC_MASK="1")),
+    "polar": ("Polar-Express Newton-Schulz", dict(MUON_NS="polar")),
+    "row-norm": ("MuonEq-R row normalisation", dict(MUON_ROW_NORM="1")),
+}
+WIDTH = dict(MODEL_DIM="512", NUM_HEADS="8", NUM_KV_HEADS="4", ROPE_DIMS="16", BIGRAM_VOCAB_SIZE="2048",
+             BIGRAM_DIM="128", VE_DIM="128")  # the record width, for the record-frontier row on a CPU
+
+
+def frontier_settings():
+    """record_frontier.env's model and optimizer settings (its eval settings left out: the same evals compare)."""
+    env = dict(line.split("=", 1) for line in (ROOT / "record_frontier.env").read_text().splitlines()
+               if line and not line.startswith("#"))
+    return {k: v for k, v in env.items() if not k.endswith("_ENABLED") or k == "VE_ENABLED"}
+
 
 def variant(name, cuda):
     """(description, overrides, context factory) for a name; None where it does not apply to this device."""
     if name.startswith("eval-batch-") and name[11:].isdigit():
         n = name[11:]
         return f"{n} windows per eval and SLOT batch", dict(EVAL_BATCH=n, SLOT_BATCH=n), contextlib.nullcontext
+    if name in OPTIONS:
+        return f"on: {OPTIONS[name][0]}", OPTIONS[name][1], contextlib.nullcontext
+    if name == "record-frontier":
+        return "record_frontier.env's model and optimizer vs the seeds', both at the record width", {}, \
+            contextlib.nullcontext
     if name == "all-off":
         names = [n for n, v in VARIANTS.items() if cuda or not v[1]]
         overrides = {k: v for n in names for k, v in VARIANTS[n][2].items()}
@@ -139,7 +166,7 @@ def variant(name, cuda):
         return "every change above undone: the starting point", overrides, everything
     if name not in VARIANTS:
         raise SystemExit(f"error: --ablate: unknown change {name!r}; fix: choose from all, all-off, eval-batch-N, "
-                         + ", ".join(VARIANTS))
+                         "record-frontier, " + ", ".join([*VARIANTS, *OPTIONS]))
     what, cuda_only, overrides, ctx = VARIANTS[name]
     return None if cuda_only and not cuda else (what, overrides, ctx)
 
@@ -213,12 +240,15 @@ def main():
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     names = [n for n in args.ablate.split(",") if n]
-    names = [*VARIANTS, "all-off"] if names == ["all"] else names
+    names = [*VARIANTS, "all-off", *OPTIONS, "record-frontier"] if names == ["all"] else names
     plan = {n: variant(n, cuda) for n in names}  # unknown names fail here, before any work
     base = {**COMMON, **(RECORD if cuda else TOY)}
     a = tg.Settings(base)
     try:
         settings = {n: tg.Settings({**base, **spec[1]}) for n, spec in plan.items() if spec}
+        if "record-frontier" in plan:
+            wide = {**base, **({} if cuda else WIDTH)}
+            settings["record-frontier"] = (tg.Settings(wide), tg.Settings({**wide, **frontier_settings()}))
     except tg.ConfigError as e:
         raise SystemExit(f"error: --ablate: {e}") from None
 
@@ -234,7 +264,12 @@ def main():
         ref = measure(a, ctx, files, val)
         results = {}
         for name, spec in plan.items():
-            if spec is not None:
+            if name == "record-frontier":
+                t = time.perf_counter()
+                seeds, front = (measure(s, QuietCtx(0, 1, 0, device), files, val) for s in settings[name])
+                results[name] = dict(seeds=seeds, front=front)
+                print(f"ablation {name}: done in {time.perf_counter() - t:.0f}s", flush=True)
+            elif spec is not None:
                 t = time.perf_counter()
                 with spec[2]():
                     r = measure(settings[name], QuietCtx(0, 1, 0, device), files, val,
@@ -252,13 +287,20 @@ def main():
                     f"{ref['sliding']:,.0f} and {again['sliding']:,.0f} sliding tokens/s, {ref['slot']:,.1f} and "
                     f"{again['slot']:,.1f} SLOT windows/s; gains are against the mean of the two; their weights "
                     f"differ by {floor:.2e}, the noise floor of the last column")
-        rows += ["| change undone | what runs instead | ms/step | gain | sliding tokens/s | gain | SLOT windows/s | "
-                 "gain | max abs weight diff |", "|---|---|---|---|---|---|---|---|---|"]
+        rows += ["| change undone (or option on) | what runs instead | ms/step | gain (cost) | sliding tokens/s | gain "
+                 "(cost) | SLOT windows/s | gain (cost) | max abs weight diff |", "|---|---|---|---|---|---|---|---|---|"]
         cur = {k: (ref[k] + again[k]) / 2 for k in ("ms_step", "sliding", "slot")}
     for name, spec in plan.items():
         r = results.get(name)
         if r is None:
             rows.append(f"| {name} | {VARIANTS[name][0]} | n/a on CPU (CUDA only) | | | | | | |")
+            continue
+        if name == "record-frontier":  # cost of the record's model: frontier / seeds, at the record width
+            sd, fr = r["seeds"], r["front"]
+            rows.append(f"| {name} vs seeds | {spec[0]} | {sd['ms_step']:.2f} -> {fr['ms_step']:.2f} | "
+                        f"{fr['ms_step'] / sd['ms_step']:.2f}x | {sd['sliding']:,.0f} -> {fr['sliding']:,.0f} | "
+                        f"{sd['sliding'] / fr['sliding']:.2f}x | {sd['slot']:,.1f} -> {fr['slot']:,.1f} | "
+                        f"{sd['slot'] / fr['slot']:.2f}x | - |")
             continue
         trained = r["ms_step"] is not None
         train_cols = f"{r['ms_step']:.2f} | {r['ms_step'] / cur['ms_step']:.2f}x" if trained else "- | -"
@@ -289,7 +331,8 @@ def main():
               f"SLOT-{a.slot_steps} over the full val ({full_windows:,} windows) on {GPUS} GPUs at this rate: "
               f"{full_windows / GPUS / ref['slot']:.0f} s vs <= {GOAL_SLOT_SECONDS:.0f} s")
     if rows:
-        print("\nablation: each change undone alone; gain = undone / current (time per step, or rate ratio)")
+        print("\nablation: each change undone (or record option turned on) alone; gain = undone / current (time per "
+              "step, or rate ratio): above 1 the change helps, or the option costs that factor")
         print("\n".join(rows) + "\n")
     print("| ms/step | tokens/s/GPU | MFLOP/token | MFU | sliding tokens/s | SLOT windows/s |")
     print("|---|---|---|---|---|---|")
