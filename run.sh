@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Entry points: smoke | record [SEED] | rehearse [SEED] | eval ARTIFACT | sweep ARTIFACT | data [N] | test | bench
+# Entry points: smoke | record [SEED] | rehearse [SEED] | eval ARTIFACT | sweep ARTIFACT | data [N | ARGS] | test |
+# bench
 set -euo pipefail
 cd "$(dirname "$0")"
 
 ensure_deps() {  # a fresh machine: install what requirements.txt names, once; an installed torch >= 2.11 stays
   local pin=()
   python -c "import torch" 2>/dev/null || pin=(torch==2.13.0)  # the version CI tests (as .ci/run)
-  python -c "import torch, numpy, sentencepiece, pytest" 2>/dev/null || python -m pip install -q "${pin[@]}" \
-    -r requirements.txt
+  python -c "import torch, numpy, sentencepiece, pytest, huggingface_hub" 2>/dev/null \
+    || python -m pip install -q "${pin[@]}" -r requirements.txt
 }
 
 gpus() { python -c "import torch; print(torch.cuda.device_count())"; }
@@ -118,8 +119,16 @@ case "$cmd" in
     if ! env | grep -q '^SWEEP_'; then export SWEEP_SLOT_STEPS=8,16,24 SWEEP_SLOT_LR=0.008,0.012; fi
     EVAL_ONLY=1 ARTIFACT=$1 SLIDING_ENABLED=${SLIDING_ENABLED:-0} launch
     ;;
-  data)  # official FineWeb sp1024 shards + tokenizer (N train shards, default 80)
-    python data/download_fineweb.py --train-shards "${1:-80}"
+  data)  # published shards + tokenizer: data [N] (sp1024, N train shards, default 80) or data --variant NAME [--repo
+    # OWNER/NAME] [--train-shards N] [--out DIR]; re-tokenised from the documents: data --vocab-size N [--caseops] ...
+    python -c "import huggingface_hub, sentencepiece, numpy" 2>/dev/null || python -m pip install -q huggingface_hub \
+      sentencepiece numpy  # the data scripts need no torch
+    case "${1:-}" in
+      "" | [0-9]*) set -- --train-shards "${1:-80}" "${@:2}" ;;
+    esac
+    script=data/download_fineweb.py
+    for arg in "$@"; do case "$arg" in --vocab-size*) script=data/retokenize.py ;; esac; done
+    python "$script" "$@"
     ;;
   test)
     ensure_deps
@@ -130,8 +139,8 @@ case "$cmd" in
     python bench/bench.py "$@"
     ;;
   *)
-    echo "usage: bash run.sh smoke | record [SEED] | rehearse [SEED] | eval ARTIFACT | sweep ARTIFACT | data [N]" \
-      "| test | bench [--ablate ...]" >&2
+    echo "usage: bash run.sh smoke | record [SEED] | rehearse [SEED] | eval ARTIFACT | sweep ARTIFACT" \
+      "| data [N | ARGS] | test | bench [--ablate ...]" >&2
     exit 2
     ;;
 esac
