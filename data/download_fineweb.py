@@ -161,12 +161,13 @@ class Hub:
             return f"checksum mismatch: the hub's is {etag}"
         return shard_problem(path) if remote.endswith(".bin") else None if got else "empty file"
 
-    def in_flight_bytes(self):
-        """Bytes of partial downloads in this repo's cache folder (for the progress line)."""
+    def in_flight_bytes(self, since):
+        """Bytes of the partial downloads in this repo's cache folder written since `since` (the progress line)."""
         try:
             folder = Path(self.hf.constants.HF_HUB_CACHE) / self.hf.file_download.repo_folder_name(
                 repo_id=self.repo, repo_type="dataset") / "blobs"
-            return sum(p.stat().st_size for p in folder.glob("*.incomplete"))
+            stats = [p.stat() for p in folder.glob("*.incomplete")]
+            return sum(st.st_size for st in stats if st.st_mtime >= since)
         except (OSError, AttributeError):
             return 0
 
@@ -211,11 +212,16 @@ class Progress:
 
     def _loop(self):
         while not self.stop.wait(PROGRESS_SECONDS):
-            print(f"progress: {self.line(self.hub.in_flight_bytes())}", flush=True)
+            print(f"progress: {self.line(self.hub.in_flight_bytes(self.start))}", flush=True)
 
     def close(self):
         self.stop.set()
         self.thread.join()
+
+
+def get(h, remote, dest):
+    place(h.fetch(remote), dest)
+    return dest.stat().st_size
 
 
 def rel(remote):
@@ -296,7 +302,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("error: interrupted; every file under its final name is complete; fix: run the same command again to "
               "fetch the rest", file=sys.stderr, flush=True)
-        return 130
+        os._exit(130)  # now: not after the downloads in flight
     return 0
 
 
@@ -309,11 +315,14 @@ def run(args):
         print(f"skip: {len(files) - len(todo)} of {len(files)} files already complete", flush=True)
     progress, errors = Progress(h, len(todo)), []
     with ThreadPoolExecutor(args.workers) as pool:
-        jobs = {pool.submit(lambda r, d: place(h.fetch(r), d) or d.stat().st_size, r, d): d for r, d in todo}
+        jobs = {pool.submit(get, h, r, d): d for r, d in todo}
         for job in as_completed(jobs):
+            if job.cancelled():
+                continue
             try:
                 progress.done(job.result())
-                print(f"[{progress.files}/{len(todo)}] got {jobs[job]}", flush=True)
+                print(f"[{progress.files}/{len(todo)}] got {jobs[job]} ({human(jobs[job].stat().st_size)})",
+                      flush=True)
             except Failure as e:
                 errors.append(str(e))
                 for j in jobs:
