@@ -13,12 +13,12 @@ default), sp4096 and sp8192 (kevclark/parameter-golf), sp8192_lossless_caps_case
 (romeerp/parameter-golf-caseops-v1). --train-shards defaults to every train shard the manifest lists.
 
 Every file goes through the hub client and its cache (HF_ENDPOINT, HF_HOME, HF_TOKEN and HF_HUB_OFFLINE apply; a
-dropped connection resumes from the byte it stopped at), W files at a time. Before a file gets its final name it is
+dropped connection resumes where the client last wrote), W files at a time. Before a file gets its final name it is
 checked: size and checksum against the hub's (sha256 for large files, git blob sha1 for small ones), and a shard's
-header (magic 20240520, version 1, a token count that matches its size). It is then hard-linked (or copied) from the
-cache under a temporary name and renamed. Files already complete under their final names are skipped without a
-request. A corrupt or short file: one `error:` line naming it, nothing under its final name, and its cache copy
-removed so that running the command again fetches it anew.
+header (magic 20240520, version 1, a token count that matches its size). It is then hard-linked from the cache (so
+it shares the cache's disk space: never edit it in place; copied across file systems) under a temporary name and
+renamed. Files already complete under their final names are skipped without a request. A bad copy is removed from
+the cache and fetched once more; bad again: one `error:` line naming it, and nothing under its final name.
 """
 
 import argparse
@@ -189,7 +189,7 @@ def place(src, dest):
 def human(n):
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
         n /= 1000
 
 
@@ -234,7 +234,8 @@ def rel(remote):
 
 
 def plan(h, variant, train_shards, out):
-    """[(remote path, local path)] of the variant's files, and the tokenizer's local model path."""
+    """[(remote path, local path)] of the variant's files, its local shard folder, its tokenizer's local model
+    path, and how many val byte sidecars it has."""
     manifest_path = h.fetch("datasets/manifest.json")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
