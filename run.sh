@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Entry points: smoke | record [SEED] | record-frontier [SEED] | rehearse [SEED] | eval ARTIFACT | sweep ARTIFACT | data [N] | test | bench
-# | package NAME RUN_ID...
+# Entry points: smoke | record [SEED] | record-frontier [SEED] | rehearse [SEED] | eval ARTIFACT | sweep ARTIFACT |
+# data [N | ARGS] | test | bench | package NAME RUN_ID...
 set -euo pipefail
 cd "$(dirname "$0")"
 
 ensure_deps() {  # a fresh machine: install what requirements.txt names, once; an installed torch >= 2.11 stays
   local pin=()
   python -c "import torch" 2>/dev/null || pin=(torch==2.13.0)  # the version CI tests (as .ci/run)
-  python -c "import torch, numpy, sentencepiece, pytest" 2>/dev/null || python -m pip install -q "${pin[@]}" \
-    -r requirements.txt
+  python -c "import torch, numpy, sentencepiece, pytest, huggingface_hub" 2>/dev/null \
+    || python -m pip install -q "${pin[@]}" -r requirements.txt
 }
 
 gpus() {  # torch's GPU count; refuses a GPU box whose GPUs torch cannot see, rather than train on its CPU for hours
@@ -165,8 +165,16 @@ case "$cmd" in
       >&2; exit 2; }
     python tools/package.py "$@"
     ;;
-  data)  # official FineWeb sp1024 shards + tokenizer (N train shards, default 80)
-    python data/download_fineweb.py --train-shards "${1:-80}"
+  data)  # published shards + tokenizer: data [N] (sp1024, N train shards, default 80) or data --variant NAME [--repo
+    # OWNER/NAME] [--train-shards N] [--out DIR]; re-tokenised from the documents: data --vocab-size N [--caseops] ...
+    python -c "import huggingface_hub, sentencepiece, numpy" 2>/dev/null || python -m pip install -q huggingface_hub \
+      sentencepiece numpy  # the data scripts need no torch
+    case "${1:-}" in
+      "" | [0-9]*) set -- --train-shards "${1:-80}" "${@:2}" ;;
+    esac
+    script=data/download_fineweb.py
+    for arg in "$@"; do case "$arg" in --vocab-size*) script=data/retokenize.py ;; esac; done
+    python "$script" "$@"
     ;;
   test)
     ensure_deps
@@ -177,8 +185,8 @@ case "$cmd" in
     python bench/bench.py "$@"
     ;;
   *)
-    echo "usage: bash run.sh smoke | record [SEED] | record-frontier [SEED] | rehearse [SEED] | eval ARTIFACT | sweep ARTIFACT | data [N]" \
-      "| test | bench [--ablate ...] | package NAME RUN_ID..." >&2
+    echo "usage: bash run.sh smoke | record [SEED] | record-frontier [SEED] | rehearse [SEED] | eval ARTIFACT |" \
+      "sweep ARTIFACT | data [N | ARGS] | test | bench [--ablate ...] | package NAME RUN_ID..." >&2
     exit 2
     ;;
 esac

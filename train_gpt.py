@@ -410,7 +410,7 @@ def find_shards(data_path, split):
     if not Path(data_path).is_dir():
         raise ConfigError(f"DATA_PATH={data_path!r} is not a folder; fix: download the data with `bash run.sh data` "
                           "or point DATA_PATH at a folder of fineweb_*.bin shards")
-    files = sorted(glob.glob(os.path.join(glob.escape(data_path), f"fineweb_{split}_*.bin")))
+    files = sorted(glob.glob(os.path.join(glob.escape(data_path), f"fineweb_{split}_[0-9]*.bin")))  # not val_bytes_
     if not files:
         raise ConfigError(f"DATA_PATH={data_path!r} holds no fineweb_{split}_*.bin shards; fix: `bash run.sh data` "
                           "or point DATA_PATH at the shard folder")
@@ -463,8 +463,11 @@ def load_tokenizer(path, vocab_size):
                           "fix: set VOCAB_SIZE to the tokenizer's size or use the matching tokenizer")
     return sp
 
+CASE_OPS = "\ue001\ue002\ue003\ue004"  # CaseOps operators (SPEC section 10, data/caseops.py); the last escapes
+
 def byte_tables(sp, vocab_size):
-    """Per-id UTF-8 length without the leading '▁', has-leading-'▁', and boundary flags (SPEC section 3)."""
+    """Per-id UTF-8 length without the leading '▁', has-leading-'▁', and boundary flags (SPEC section 3), and the
+    ids of the CaseOps operators in CASE_OPS order when the tokenizer has all four as pieces (else none)."""
     base = np.zeros(vocab_size, dtype=np.int16)
     space = np.zeros(vocab_size, dtype=bool)
     boundary = np.ones(vocab_size, dtype=bool)
@@ -479,13 +482,45 @@ def byte_tables(sp, vocab_size):
         if piece.startswith("\u2581"):
             space[i], piece = True, piece[1:]
         base[i] = len(piece.encode("utf-8"))
-    return base, space, boundary
+    ops = np.array([sp.piece_to_id(c) for c in CASE_OPS])
+    is_caseops = all(sp.id_to_piece(int(i)) == c for i, c in zip(ops, CASE_OPS))
+    return base, space, boundary, ops if is_caseops else ops[:0]
 
 def target_bytes(tokens, tables):
-    """Byte count of each target tokens[1:] given its previous token."""
-    base, space, boundary = tables
+    """Byte count of each target tokens[1:] given its previous token. A CaseOps operator stands for no byte of the
+    original text and counts 0, unless an odd run of escape pieces precedes it (then it is a literal character):
+    the count is the rule's count of the original-cased normalised text, as for any other tokenizer."""
+    base, space, boundary, ops = tables
     prev, tgt = tokens[:-1].astype(np.int64), tokens[1:].astype(np.int64)
-    return base[tgt] + (space[tgt] & ~boundary[prev])
+    n = base[tgt] + (space[tgt] & ~boundary[prev])
+    if len(ops):
+        i = np.arange(len(prev), dtype=np.int32)
+        run = i - np.maximum.accumulate(np.where(prev == ops[3], -1, i))  # escape pieces ending at the previous token
+        n[np.isin(tgt, ops) & (run % 2 == 0)] = 0
+    return n
+
+def sidecar_ratio(val_files, val, log):
+    """Rule bytes / sidecar bytes over the scored targets when val byte sidecars sit beside the val shards (else
+    None): fineweb_val_bytes_NNNNNN.bin, the CaseOps dataset's per-token raw bytes (shard header, uint16 per token).
+    Every eval scores every target once, so any figure's bpb on the sidecar's bytes is its bpb times this ratio."""
+    folder = os.path.dirname(val_files[0])
+    found = set(glob.glob(os.path.join(glob.escape(folder), "fineweb_val_bytes_*.bin")))
+    if not found:
+        return None
+    side = [os.path.join(folder, "fineweb_val_bytes_" + os.path.basename(f)[len("fineweb_val_"):]) for f in val_files]
+    fix = "fix: re-download the variant's val files, or delete the fineweb_val_bytes_*.bin files (not needed to train)"
+    for s in sorted(found ^ set(side)):
+        raise ConfigError(f"val byte sidecar {s} {'has no val shard' if s in found else 'is missing'}; a sidecar "
+                          f"must sit beside each val shard; {fix}")
+    for f, s in zip(val_files, side):
+        if (m := shard_token_count(s)) != (n := shard_token_count(f)):
+            raise ConfigError(f"val byte sidecar {s} has {m} entries for the {n} tokens of {f}, not one per token; {fix}")
+    total, rule = int(np.concatenate([load_shard(s, 1 << 16) for s in side])[1:len(val[0])].sum()), int(val[1].sum())
+    if total == 0:
+        raise ConfigError(f"val byte sidecars {side[0]}...: zero bytes over the scored tokens; {fix}")
+    log(f"val_bytes_sidecar: files:{len(side)} bytes:{total} rule_bytes:{rule} ratio:{rule / total:.6f} (on the "
+        f"sidecar's bytes every val_bpb is val_bpb x ratio; the headline stays on the rule's bytes)")
+    return rule / total
 
 
 # ----------------------------------------------------------------------------- model
@@ -961,6 +996,7 @@ class Ctx:
         # bf16 autocast and torch.compile on CUDA (COMPILE=1); tests turn them on for the CPU
         self.main, self.bf16, self.compile = rank == 0, device.type == "cuda", device.type == "cuda"
         self.log_file, self.graphs = None, 0  # log: opened by open_run() on rank 0
+        self.bytes_ratio = None  # rule bytes / val byte-sidecar bytes, set by run() when the data has sidecars
 
     def log(self, msg):
         if self.main:
@@ -2122,6 +2158,7 @@ def run(a, ctx, run_id, code_bytes):
     val = Val(tokens, target_bytes(tokens, byte_tables(sp, a.vocab_size)))
     t_val = time.perf_counter() - t_val  # the eval's share of the start-up, counted in eval_total
     ctx.log(f"val_loader: tokens:{len(tokens)} bytes:{int(val[1].sum())} seconds:{t_val:.1f}")
+    ctx.bytes_ratio = sidecar_ratio(val_files, val, ctx.log)
     results, steps, train_ms = {}, 0, 0.0
     L, log_base = a.eval_seq_len, Path(a.log_dir) / run_id
     if not a.eval_only:
@@ -2182,6 +2219,7 @@ def write_submission(a, ctx, run_id, results, code_bytes, model_bytes, header, s
     """The headline is the best figure of a legal (score-first) method; every figure, scored SLOT's included, is kept
     under `results` with its method and whether it is legal."""
     metric = min((k for k in LEGAL if k in results), key=lambda k: results[k][1])
+    r = ctx.bytes_ratio  # with val byte sidecars: every figure on their bytes too, labelled; the headline unchanged
     hw = (f"{ctx.world}x {torch.cuda.get_device_name()}" if ctx.device.type == "cuda"
           else f"{ctx.world}x CPU ({torch.get_num_threads()} threads)")
     c, label = header["config"], header["label"]
@@ -2200,7 +2238,8 @@ def write_submission(a, ctx, run_id, results, code_bytes, model_bytes, header, s
                eval_seconds=round(eval_seconds, 2),
                val_tokens=int(a.val_tokens) or "all",
                results={k: dict(val_loss=v[0], val_bpb=v[1], seconds=round(v[2], 2), method=method.get(k, k),
-                                legal=k in LEGAL) for k, v in results.items()})
+                                legal=k in LEGAL, **({"val_bpb_on_sidecar_bytes": v[1] * r} if r else {}))
+                        for k, v in results.items()}, **({"sidecar_bytes_ratio": r} if r else {}))
     path = Path(a.log_dir) / f"{run_id}.submission.json"
     write_atomic(path, sub)
     ctx.log(f"submission: {path} val_bpb:{sub['val_bpb']:.8f} ({metric}: {method[metric]})")

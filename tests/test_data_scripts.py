@@ -1,13 +1,9 @@
-"""Tests for data/build_corpus.py (embedded corpus) and data/download_fineweb.py (official data)."""
+"""Tests for data/build_corpus.py (the embedded corpus); data/download_fineweb.py and data/retokenize.py are tested in
+test_data_variants.py."""
 
-import functools
-import http.server
 import importlib.util
-import json
-import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +12,6 @@ import sentencepiece as spm
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "data" / "build_corpus.py"
-DOWNLOAD = ROOT / "data" / "download_fineweb.py"
 MAGIC = 20240520
 TRAIN_TOKENS = 200_000
 
@@ -32,13 +27,6 @@ def read_shard(path):
     assert header[0] == MAGIC and header[1] == 1 and not header[3:].any(), header[:4]
     assert header[2] == len(tokens) and path.stat().st_size == 1024 + 2 * len(tokens)
     return header, tokens
-
-
-def make_shard(path, tokens, magic=MAGIC):
-    header = np.zeros(256, dtype="<i4")
-    header[:3] = magic, 1, len(tokens)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
 
 
 # ---------------------------------------------------------------- build_corpus.py
@@ -147,101 +135,3 @@ def test_site_packages_corpus_adds_installed_packages_within_its_caps(tmp_path, 
     first = next(d for d in build_corpus.site_texts() if len(d) >= build_corpus.MIN_DOC_CHARS and d not in base)
     assert docs[len(base)] == first
     assert all(p.endswith(("site-packages", "dist-packages")) for p in build_corpus.site_dirs())
-
-
-# ---------------------------------------------------------------- download_fineweb.py
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def serve():
-    """serve(directory) -> base URL of a local HTTP server for that directory."""
-    servers = []
-
-    def start(directory):
-        handler = functools.partial(QuietHandler, directory=str(directory))
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-
-
-def fake_repo(root, corpus, train_shards=3, val_shards=1, manifest=True, bad=None):
-    """A copy of the Hugging Face repo layout with tiny shards; `bad` names a shard with a bad magic."""
-    data = root / "datasets" / "datasets" / "fineweb10B_sp1024"
-    names = [f"fineweb_train_{i:06d}.bin" for i in range(train_shards)]
-    names += [f"fineweb_val_{i:06d}.bin" for i in range(val_shards)]
-    for i, name in enumerate(names):
-        make_shard(data / name, [1, *range(10 + i, 50 + i)], magic=12345 if name == bad else MAGIC)
-    (root / "datasets" / "tokenizers").mkdir(parents=True)
-    shutil.copy(corpus / "tokenizers" / "embedded_1024_bpe.model", root / "datasets" / "tokenizers" / "fineweb_1024_bpe.model")
-    if manifest:
-        stats = {"files_train": train_shards, "files_val": val_shards}
-        entry = {"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024", "stats": stats}
-        (root / "datasets" / "manifest.json").write_text(json.dumps({"datasets": [entry]}))
-    return root / "datasets"
-
-
-def test_download_fetches_shards_and_tokenizer_then_skips(serve, corpus, tmp_path):
-    remote = fake_repo(tmp_path / "repo", corpus, val_shards=2)
-    out = tmp_path / "out"
-    result = run(DOWNLOAD, "--train-shards", 2, "--out", out, "--base-url", serve(tmp_path / "repo"))
-    assert result.returncode == 0, result.stderr
-    local = out / "datasets" / "fineweb10B_sp1024"
-    expected = ["fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin", "fineweb_val_000001.bin"]
-    assert sorted(p.name for p in local.iterdir()) == expected  # no train_000002, no .part files
-    for name in expected:
-        assert (local / name).read_bytes() == (remote / "datasets" / "fineweb10B_sp1024" / name).read_bytes()
-    tok = out / "tokenizers" / "fineweb_1024_bpe.model"
-    assert tok.read_bytes() == (remote / "tokenizers" / "fineweb_1024_bpe.model").read_bytes()
-
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.*")}
-    (local / "fineweb_val_000001.bin").write_bytes(b"\0" * 100)  # a truncated file is fetched again
-    result = run(DOWNLOAD, "--train-shards", 2, "--out", out, "--base-url", serve(tmp_path / "repo"))
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("skip") == 4 and "got" in result.stdout
-    read_shard(local / "fineweb_val_000001.bin")
-    after = {p: p.stat().st_mtime_ns for p in out.rglob("*.*")}
-    assert {p for p in before if before[p] != after[p]} == {local / "fineweb_val_000001.bin"}
-
-
-def test_download_without_manifest_uses_fixed_names(serve, corpus, tmp_path):
-    fake_repo(tmp_path / "repo", corpus, val_shards=2, manifest=False)
-    out = tmp_path / "out"
-    result = run(DOWNLOAD, "--train-shards", 1, "--out", out, "--base-url", serve(tmp_path / "repo"))
-    assert result.returncode == 0, result.stderr
-    names = sorted(p.name for p in (out / "datasets" / "fineweb10B_sp1024").iterdir())
-    assert names == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
-
-
-def test_download_rejects_corrupt_shard(serve, corpus, tmp_path):
-    fake_repo(tmp_path / "repo", corpus, bad="fineweb_train_000001.bin")
-    out = tmp_path / "out"
-    base = serve(tmp_path / "repo")
-    result = run(DOWNLOAD, "--train-shards", 3, "--out", out, "--base-url", base)
-    assert result.returncode != 0
-    message = result.stderr.strip()
-    assert len(message.splitlines()) == 1 and "magic 12345" in message
-    assert f"{base}/datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin" in message
-    names = sorted(p.name for p in (out / "datasets" / "fineweb10B_sp1024").iterdir())
-    assert names == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]  # nothing kept of the bad one
-
-
-def test_download_reports_missing_files_and_shard_limit(serve, corpus, tmp_path):
-    fake_repo(tmp_path / "repo", corpus)
-    base = serve(tmp_path / "repo")
-    result = run(DOWNLOAD, "--train-shards", 4, "--out", tmp_path / "out", "--base-url", base)
-    assert result.returncode != 0 and "exceeds the 3 train shards" in result.stderr
-    (tmp_path / "empty").mkdir()
-    base = serve(tmp_path / "empty")
-    result = run(DOWNLOAD, "--train-shards", 1, "--out", tmp_path / "out", "--base-url", base)
-    assert result.returncode != 0 and "404" in result.stderr
-    assert f"{base}/datasets/tokenizers/fineweb_1024_bpe.model" in result.stderr and "Fix:" in result.stderr
