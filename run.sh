@@ -78,14 +78,15 @@ record_run() {  # preflight, then the real run: SEED and RUN_ID from the argumen
 }
 
 frontier_defaults() {  # record_frontier.env (the best merged record, SPEC section 10); a variable already set wins
-  local caseops=./data/datasets/fineweb10B_sp8192_caseops k v
+  local caseops=./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved k v
   lacks=()
   if [ -z "${DATA_PATH:-}" ]; then
     if [ -f "$caseops/fineweb_val_000000.bin" ]; then
-      export DATA_PATH=$caseops TOKENIZER_PATH=${TOKENIZER_PATH:-./data/tokenizers/fineweb_8192_caseops.model} \
+      export DATA_PATH=$caseops \
+        TOKENIZER_PATH=${TOKENIZER_PATH:-./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model} \
         VOCAB_SIZE=${VOCAB_SIZE:-8192}
     else
-      lacks+=("vocabulary: sp8192 CaseOps data not found at $caseops, so the sp1024 data runs; fix: bash run.sh data --variant sp8192_lossless_caps_caseops_v1_reserved --repo romeerp/parameter-golf-caseops-v1")
+      lacks+=("vocabulary: sp8192 CaseOps data not found at $caseops, so the sp1024 data runs; fix: bash run.sh data --variant sp8192_lossless_caps_caseops_v1_reserved")
     fi
   fi
   while IFS='=' read -r k v; do
