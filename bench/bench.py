@@ -275,7 +275,8 @@ def main():
                     r = measure(settings[name], QuietCtx(0, 1, 0, device), files, val,
                                 train=not name.startswith("eval-batch-"))
                 weights = r.pop("weights")  # kept as one number: a model's worth of memory per ablation adds up
-                r["weight_diff"] = (weights - ref["weights"]).abs().max().item() if r["ms_step"] else None
+                same = r["ms_step"] and name not in OPTIONS  # an option changes the model: no weight comparison
+                r["weight_diff"] = (weights - ref["weights"]).abs().max().item() if same else None
                 results[name] = r
                 print(f"ablation {name}: done in {time.perf_counter() - t:.0f}s", flush=True)
         if plan:  # the current code again: two runs bracket the ablations and show the run-to-run noise
@@ -304,7 +305,7 @@ def main():
             continue
         trained = r["ms_step"] is not None
         train_cols = f"{r['ms_step']:.2f} | {r['ms_step'] / cur['ms_step']:.2f}x" if trained else "- | -"
-        dw = f"{r['weight_diff']:.2e}" if trained else "-"
+        dw = f"{r['weight_diff']:.2e}" if r["weight_diff"] is not None else "-"
         rows.append(f"| {name} | {spec[0]} | {train_cols} | {r['sliding']:,.0f} | {cur['sliding'] / r['sliding']:.2f}x "
                     f"| {r['slot']:,.1f} | {cur['slot'] / r['slot']:.2f}x | {dw} |")
 
