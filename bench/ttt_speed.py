@@ -5,6 +5,7 @@ the real ttt_evaluate on a few documents on this device (a sanity line, and on a
     python bench/ttt_speed.py                         # record model and settings (environment / defaults)
     python bench/ttt_speed.py --val-shard PATH        # the real document lengths of a val shard
     python bench/ttt_speed.py --vocab 8192            # or VOCAB_SIZE=8192: the sp8192 model and val split
+    python bench/ttt_speed.py --inductor-check        # the measurement behind INDUCTOR_SPLIT (minutes)
 
 Model of the work. One step of every kind is run on the meta device (shapes only, no data) through the real code
 of train_gpt.py (ttt_batch, global_sgd, evaluate) under a TorchDispatchMode that records each aten op: its FLOPs
@@ -25,6 +26,13 @@ backward 2.5x; bytes q, k, v, out (+ a mask)); F.rms_norm is one fused op (torch
              ideal fusion of inductor (no split reductions, no extra kernels for layout): a floor on kernels, close
              to a floor on bytes. Parts outside the compiled regions (index building, loss, AdamW, scoring) stay
              eager in both.
+  compiled, split = compiled, with each fused kernel of several ops launched INDUCTOR_SPLIT times. Measured, not
+             assumed: `--inductor-check` compiles the real ttt_nll forward + backward with inductor on the CPU (no
+             triton here) for a small model in fp32 and compares inductor's counts with the rule's for the same
+             steps: 152.5 generated kernels per forward+backward against the rule's 39 fused (35 of several ops),
+             102 library calls against 91, 17.4 MB against the rule's 15.5 MB (logs/ttt_speed_cpu.txt). So the
+             rule's bytes hold and its kernel count is low: the split adds only launches. CPU kernels are not
+             triton's; the first GPU run settles it.
 Seconds of a kernel = max(FLOPs / peak, bytes / bandwidth) (peak by the matmul's input dtype: bf16 989 TFLOP/s;
 fp32 matmuls run as TF32, 494.7 TFLOP/s, as train_gpt allows), plus 5 us per launch, ADDED (the host's launch is
 not hidden behind device work: right for the small kernels that dominate TTT, pessimistic for large ones; the
@@ -66,6 +74,10 @@ PEAK = {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 494.7e12} 
 BANDWIDTH, LAUNCH = 3.35e12, 5e-6  # H100 SXM HBM3 bytes/s; seconds per kernel launch
 ALLREDUCE_BW = 400e9  # NCCL all-reduce bus bandwidth on 8xH100 NVLink, bytes/s (nccl-tests class figure; assumed)
 COMPILED_SEGMENTS = ("fwd", "bwd", "hidden")  # the parts train_gpt compiles on CUDA
+INDUCTOR_SPLIT = 4.2  # launches of a multi-op fused kernel as inductor splits them (--inductor-check: 4.24 on CPU)
+CHECK_MODEL = {"NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "ROPE_DIMS": "8",
+               "VOCAB_SIZE": "128", "BIGRAM_VOCAB_SIZE": "64", "BIGRAM_DIM": "16", "VE_DIM": "16", "VE_LAYERS": "1",
+               "XSA_LAST_N": "2", "TTT_LORA_RANK": "8"}  # the model of --inductor-check (and of the tests)
 aten = torch.ops.aten
 FREE = {aten.detach, aten.alias, aten.lift_fresh, aten.empty, aten.empty_like, aten.empty_strided, aten._unsafe_view,
         aten._reshape_alias, aten.new_empty, aten.new_empty_strided}  # no kernel, no bytes
@@ -290,7 +302,7 @@ def doc_tokens(lens, vocab, seed=0):
     parts = [np.concatenate([[tg.BOS_ID], rng.integers(2, vocab, n - 1)]) for n in lens] + [[tg.BOS_ID]]
     return np.concatenate(parts).astype(np.uint16)
 
-def trace_ttt_batch(model, p, lens):
+def trace_ttt_batch(model, p, lens, bf16=True):
     """One real ttt_batch on meta for documents of `lens` targets. Segments: batch (reset and setup), pre (index
     building), fwd (ttt_nll), post (scoring; when training: loss and its backward), bwd (ttt_nll's backward, from
     the hook on its NLL), adam (TTTAdapters.step), each numbered by its step. Returns the trace and the steps
@@ -323,15 +335,19 @@ def trace_ttt_batch(model, p, lens):
 
     lora.step, lora.reset = traced_step, traced_reset
     with tracing(tr):
-        tg.ttt_batch(TraceCtx(tr), model, val, tg.documents(tokens), p, lora, nll_fn)
+        ctx = TraceCtx(tr)
+        ctx.bf16 = bf16
+        tg.ttt_batch(ctx, model, val, tg.documents(tokens), p, lora, nll_fn)
     return tr, steps
 
 
 # ----------------------------------------------------------------------------- costs: kernels and seconds
 
-def kernels(trace, compiled, groups_out=None):
-    """The trace's kernels as arrays (segment, flops, peak, bytes): one per op (eager), or, compiled, the ops of the
-    compiled segments fused by the rule of the module docstring. groups_out (a list) receives each kernel's ops."""
+def kernels(trace, compiled, split=1.0, groups_out=None):
+    """The trace's kernels as arrays (segment, flops, peak, bytes, launches): one per op (eager), or, compiled, the
+    ops of the compiled segments fused by the rule of the module docstring, a kernel fused from several ops
+    launching `split` times (1: the rule; INDUCTOR_SPLIT: as inductor splits them). groups_out (a list) receives
+    each kernel's ops."""
     ops = trace.ops
     in_graph = [compiled and op[1].rstrip("0123456789") in COMPILED_SEGMENTS for op in ops]
     producer, remap, seen, live = {}, {}, {}, []
@@ -392,7 +408,7 @@ def kernels(trace, compiled, groups_out=None):
             groups_out.append([live[n][0] for n in members])
         op = op_of[members[0]]
         if not fused[members[0]]:
-            out.append((op[1], op[2], op[3], sum(b for _, b in live[members[0]][1] + op[7])))
+            out.append((op[1], op[2], op[3], sum(b for _, b in live[members[0]][1] + op[7]), 1.0))
             continue
         inside, moved = set(members), {}
         for n in members:  # reads from outside the kernel; writes used outside it (or never read: outputs)
@@ -406,7 +422,7 @@ def kernels(trace, compiled, groups_out=None):
                     continue  # only the backward reads it: recomputed there from what it reads anyway
                 if not u or any(c not in inside for c in u):
                     moved["w", k] = max(moved.get(("w", k), 0), b)
-        out.append((op[1], 0.0, 1.0, float(sum(moved.values()))))
+        out.append((op[1], 0.0, 1.0, float(sum(moved.values())), split if len(members) > 1 else 1.0))
     return tuple(np.array(col) for col in zip(*out))
 
 def busy_seconds(flops, peak, nbytes):
@@ -438,16 +454,17 @@ class StepModel:
     2) times (1, n) for pre, fwd, post, bwd; affine in n for score (the scoring of a step that does not train), in
     nt for adam, in the bank size for batch. From traced ttt_batch runs of 1 and of 2 documents (trace_fit_runs)."""
 
-    def __init__(self, runs, compiled):
+    def __init__(self, runs, compiled, split=1.0):
         per = {}
         for n, (trace, steps) in runs.items():
-            seg, flops, peak, nbytes = kernels(trace, compiled)
-            per[n] = {s: (flops[seg == s], nbytes[seg == s], peak[seg == s]) for s in set(seg)}
+            seg, flops, peak, nbytes, launches = kernels(trace, compiled, split)
+            per[n] = {s: (flops[seg == s], nbytes[seg == s], peak[seg == s], launches[seg == s].sum())
+                      for s in set(seg)}
         steps = runs[1][1]
         train = [k for k, (_, _, nt) in enumerate(steps) if nt]
         fit = [k for i, k in enumerate(train) if steps[k][1] not in {steps[j][1] for j in train[:i]}]
         last = len(steps) - 1
-        self.coef, self.launches, self.peak, self.deg = {}, {}, {}, len(fit) - 1
+        self.coef, self.kernels, self.launches, self.peak, self.deg = {}, {}, {}, {}, len(fit) - 1
         for s in ("pre", "fwd", "post", "bwd"):
             self._fit(s, [(n, steps[k][1], per[n][f"{s}{k}"]) for k in fit for n in (1, 2)])
         for s, k in (("batch", "batch"), ("adam", f"adam{fit[0]}"), ("score", f"post{last}")):
@@ -465,7 +482,7 @@ class StepModel:
         assert len(counts) == 1, f"segment {s}: kernel counts differ between traces {counts}"
         X = self.basis([r[0] for r in rows], None if rows[0][1] is None else [r[1] for r in rows])
         self.coef[s] = [np.linalg.lstsq(X, np.array([r[2][q] for r in rows]), rcond=None)[0] for q in (0, 1)]
-        self.launches[s], self.peak[s] = counts.pop(), rows[0][2][2]
+        self.kernels[s], self.launches[s], self.peak[s] = counts.pop(), rows[0][2][3], rows[0][2][2]
 
     def work(self, s, n, T=None):
         """FLOPs and bytes [..., kernels] of segment s at arrays n (and T)."""
@@ -579,12 +596,12 @@ def trace_eval_batch(model, L, stride, batch, points):
         del model.eval_hidden
     return tr
 
-def trace_seconds(trace, compiled):
+def trace_seconds(trace, compiled, split=1.0):
     """{segment: (seconds, kernel seconds, launches)} of a trace."""
-    seg, flops, peak, nbytes = kernels(trace, compiled)
+    seg, flops, peak, nbytes, launches = kernels(trace, compiled, split)
     busy = busy_seconds(flops, peak, nbytes)
-    return {s: (busy[seg == s].sum() + LAUNCH * (seg == s).sum(), busy[seg == s].sum(), int((seg == s).sum()))
-            for s in set(seg.tolist())}
+    return {s: (busy[seg == s].sum() + LAUNCH * launches[seg == s].sum(), busy[seg == s].sum(),
+                launches[seg == s].sum()) for s in set(seg.tolist())}
 
 
 # ----------------------------------------------------------------------------- document lengths and the projection
@@ -661,13 +678,15 @@ def measure_sample(a, p, docs, doc_len, compiled):
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     return sec, lens, sample, name
 
+MODES = {"eager": (False, 1.0), "compiled": (True, 1.0), "compiled, split": (True, INDUCTOR_SPLIT)}
+
 def projection(a, p, lens, gpus, compile_s, load_s, model=None):
-    """Seconds per part of the full evaluation on `gpus` H100s, eager and compiled: {compiled: {part: s}}, and the
-    facts behind them."""
+    """Seconds per part of the full evaluation on `gpus` H100s in each of MODES: {mode: {part: s}}, and the facts
+    behind them."""
     cfg, L = a.arch(), a.eval_seq_len
     model = model or meta_model(cfg)
     runs = trace_fit_runs(model, p)
-    steps = {c: StepModel(runs, c) for c in (False, True)}
+    steps = {m: StepModel(runs, *MODES[m]) for m in MODES}
     g_trace, g_bytes = trace_global_step(model, p, gpus)
     slot = [a.slot_point(stride=a.eval_stride)] if a.slot_enabled else []
     batch = a.slot_batch if slot else a.eval_batch
@@ -676,18 +695,59 @@ def projection(a, p, lens, gpus, compile_s, load_s, model=None):
     n_tokens = int(lens.sum()) + 1
     rt, sl = eval_batches(n_tokens, L, L, a.eval_batch, gpus), eval_batches(n_tokens, L, a.eval_stride, batch, gpus)
     glob, g_steps = global_seconds(trace_seconds(g_trace, False)["global"][0], g_bytes, lens, p, gpus)
-    parts, facts = {}, dict(rt=rt, sl=sl, g_steps=g_steps, g_bytes=g_bytes, steps=steps, runs=runs, slot=bool(slot))
-    for c in (False, True):
-        r, s = trace_seconds(rt_trace, c), trace_seconds(sl_trace, c)
+    parts, facts = {}, dict(rt=rt, sl=sl, g_steps=g_steps, g_bytes=g_bytes, steps=steps, slot=bool(slot))
+    for m, (compiled, split) in MODES.items():
+        r, s = trace_seconds(rt_trace, compiled, split), trace_seconds(sl_trace, compiled, split)
         plain = lambda d: sum(d[k][0] for k in ("win", "hidden", "score"))
-        ttt, busy, launches = ttt_seconds(steps[c], lens, p, gpus)
-        parts[c] = {"round trip": rt[1] * plain(r),
+        ttt, busy, launches = ttt_seconds(steps[m], lens, p, gpus)
+        parts[m] = {"round trip": rt[1] * plain(r),
                     "sliding pass": sl[1] * plain(s) if a.sliding_enabled or slot else 0.0,
                     "SLOT (same pass)": sl[1] * s["slot"][0] if slot else 0.0,
                     "TTT per-document LoRA": ttt, "TTT global SGD": glob if p["phases"] else 0.0,
                     "compile warm-up": compile_s, "load and decode": load_s}
-        facts[c] = dict(overlap=max(busy, launches * LAUNCH), launches=launches)
+        facts[m] = dict(overlap=max(busy, launches * LAUNCH), launches=launches)
     return parts, facts
+
+def inductor_check():
+    """--inductor-check: inductor's own kernel and byte counts for TTT steps of a small model (fp32, this CPU: no
+    triton here) against the fusion rule's for the same steps: the measurement behind INDUCTOR_SPLIT."""
+    import torch._inductor.metrics as metrics
+    from torch._dynamo.utils import counters
+    a = tg.Settings(CHECK_MODEL)
+    p = a.ttt_point()
+    lens = [fit_length(p["chunk"], p["seq_len"])] * 2
+    trace, steps = trace_ttt_batch(meta_model(a.arch()), p, lens, bf16=False)
+    groups = []
+    seg, _, _, nbytes, _ = kernels(trace, True, 1.0, groups)
+    k = next(i for i, (_, _, nt) in enumerate(steps) if nt)
+    mine = [(len(g), trace.ops[g[0]][5]) for g, s in zip(groups, seg) if s in (f"fwd{k}", f"bwd{k}")]
+    library = sum(1 for n, lib in mine if lib)
+    single, multi = sum(1 for n, lib in mine if n == 1 and not lib), sum(1 for n, _ in mine if n > 1)
+    mb = np.mean([nbytes[(seg == f"fwd{j}") | (seg == f"bwd{j}")].sum() for j in (k, k + 1)]) / 1e6
+    torch.manual_seed(0)
+    model = tg.GPT(a.arch()).requires_grad_(False)
+    tokens = doc_tokens(lens, a.vocab_size)
+    ctx, lora = tg.Ctx(0, 1, 0, torch.device("cpu")), tg.TTTAdapters(model, p, len(lens), torch.device("cpu"))
+    torch._inductor.config.force_disable_caches = True  # a cached graph generates no kernels to count
+    with contextlib.redirect_stderr(io.StringIO()):
+        torch._logging.set_logs(inductor_metrics=True)  # inductor counts bytes only with this log on
+        metrics.reset()
+        counters.clear()
+        t = time.perf_counter()
+        tg.ttt_batch(ctx, model, tg.Val(tokens, np.ones(len(tokens) - 1, np.int32)), tg.documents(tokens), p, lora,
+                     torch.compile(tg.ttt_nll))
+        torch._logging.set_logs()
+    graphs = counters["stats"]["unique_graphs"]
+    gen, ext = metrics.generated_kernel_count / graphs, counters["inductor"]["extern_calls"] / graphs
+    print(f"inductor check: {a.num_layers}L d{a.model_dim} fp32 on this CPU, TTT steps {steps} ({len(lens)} documents "
+          f"of {lens[0]} targets); compiled in {time.perf_counter() - t:.0f}s into {graphs} forward+backward pairs")
+    print(f"  inductor, per pair: {gen:.1f} generated kernels, {ext:.1f} library calls, "
+          f"{metrics.num_bytes_accessed / graphs / 1e6:.2f} MB")
+    print(f"  the rule, step {k} (window {steps[k][1]}): {single + multi} fused kernels ({multi} of several ops), "
+          f"{library} library kernels; {mb:.2f} MB (mean of the windows {steps[k][1]} and {steps[k + 1][1]}, those of "
+          "the two pairs)")
+    print(f"  split = (inductor's kernels - the rule's single-op kernels) / its multi-op kernels = "
+          f"{(gen - single) / multi:.2f} (INDUCTOR_SPLIT in this file: {INDUCTOR_SPLIT})")
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -702,7 +762,11 @@ def main():
     ap.add_argument("--doc-len", type=int, default=0, help="targets per sample document (default 96 CPU, 512 GPU)")
     ap.add_argument("--no-measure", action="store_true", help="skip the measured sample")
     ap.add_argument("--compiled-sample", action="store_true", help="measure the sample compiled (CUDA; slow start)")
+    ap.add_argument("--inductor-check", action="store_true",
+                    help="only compare inductor's kernel counts on this CPU with the fusion rule (minutes)")
     args = ap.parse_args()
+    if args.inductor_check:
+        return inductor_check()
     try:
         a = tg.Settings({**os.environ, "VOCAB_SIZE": str(args.vocab)} if args.vocab else None)
         lens, source = doc_lengths(a, args.val_shard)
@@ -727,66 +791,68 @@ def main():
     print("assumptions:")
     for line in (f"H100 SXM: bf16 dense {PEAK[torch.bfloat16] / 1e12:.0f} TFLOP/s (fp32 matmuls as TF32, "
                  f"{PEAK[torch.float32] / 1e12:.1f}), HBM {BANDWIDTH / 1e12:.2f} TB/s, {LAUNCH * 1e6:.0f} us a kernel "
-                 "launch; NCCL all-reduce bus bandwidth {:.0f} GB/s".format(ALLREDUCE_BW / 1e9),
-                 "a kernel takes max(FLOPs / peak, bytes / bandwidth); a step takes the sum over its kernels plus "
-                 "5 us per launch (launches not hidden behind device work)",
+                 f"launch; NCCL all-reduce bus bandwidth {ALLREDUCE_BW / 1e9:.0f} GB/s",
+                 "a kernel takes max(FLOPs / peak, bytes / bandwidth); a part takes the sum over its kernels plus "
+                 f"{LAUNCH * 1e6:.0f} us per launch (launches not hidden behind device work)",
                  "attention: flash-style kernels (causal: half the FLOPs); global SGD's document mask: SDPA's masked "
                  "kernel, full T x T FLOPs (no flash-attn on the project's GPU box); rms_norm: one fused kernel",
-                 "autocast: CUDA's bf16 op lists, emulated; eager = one kernel per aten op; compiled = ideal inductor "
-                 "fusion (docstring) of TTT's forward/backward and the eval forward, the rest eager",
+                 "autocast: CUDA's bf16 op lists, emulated; eager: one kernel per aten op; compiled: the ideal "
+                 "inductor fusion (docstring) of TTT's forward/backward and of the eval forward, the rest eager",
+                 f"compiled, split: as compiled, each fused kernel of several ops launched {INDUCTOR_SPLIT} times "
+                 "(inductor on this project's CPU split them so: --inductor-check)",
                  f"phases cost their slowest rank; {W} ranks share documents round-robin, longest first",
-                 f"compile warm-up {parts[True]['compile warm-up']:.0f} s (the record's was 84-138 s); val load, "
-                 f"artifact read and decompression, model build {parts[True]['load and decode']:.0f} s"):
+                 f"compile warm-up {args.compile_s:.0f} s (the record's was 84-138 s); val load, artifact read and "
+                 f"decompression, model build {args.load_s:.0f} s"):
         print("  " + line)
     sm = facts["steps"]
-    print("one TTT chunk step (n documents x window T): eager | compiled, each with launches; fwd + bwd FLOPs")
+    print("one TTT chunk step (n documents x window T, training): milliseconds (launches) per mode; fwd + bwd FLOPs "
+          "and bytes (eager | compiled)")
     for n, T in ((64, 2048), (64, 512), (64, 64), (8, 2048), (2, 2048), (2, 64)):
         cells = []
-        for c in (False, True):
-            s = sm[c]
-            t = sum(s.seconds(k, n, T)[0] for k in ("pre", "fwd", "post", "bwd")) + s.seconds("adam", n)[0]
-            k = sum(s.launches[x] for x in ("pre", "fwd", "post", "bwd", "adam"))
-            cells.append(f"{t * 1e3:7.1f} ms ({k} launches)")
-        fl = sum(sm[True].work(x, n, T)[0].sum() for x in ("fwd", "bwd"))
-        by = [sum(sm[c].work(x, n, T)[1].sum() for x in ("fwd", "bwd")) / 1e9 for c in (False, True)]
-        print(f"  {n:2d} x {T:4d}: {cells[0]} | {cells[1]}; {fl / 1e12:.2f} TFLOP, {by[0]:.0f} | {by[1]:.0f} GB")
+        for m in MODES:
+            t = sum(sm[m].seconds(k, n, T)[0] for k in ("pre", "fwd", "post", "bwd")) + sm[m].seconds("adam", n)[0]
+            k = sum(sm[m].launches[x] for x in ("pre", "fwd", "post", "bwd", "adam"))
+            cells.append(f"{t * 1e3:6.1f} ({k:4.0f})")
+        fl = sum(sm["compiled"].work(x, n, T)[0].sum() for x in ("fwd", "bwd"))
+        by = [sum(sm[m].work(x, n, T)[1].sum() for x in ("fwd", "bwd")) / 1e9 for m in ("eager", "compiled")]
+        print(f"  {n:2d} x {T:4d}: {' | '.join(cells)}; {fl / 1e12:.2f} TFLOP, {by[0]:.0f} | {by[1]:.0f} GB")
     rt, sl = facts["rt"], facts["sl"]
     labels = {"round trip": f"{rt[0]:,} windows, {rt[1]} batches a rank",
               "sliding pass": f"stride {a.eval_stride}: {sl[0]:,} windows, {sl[1]} batches a rank",
-              "SLOT (same pass)": f"{a.slot_steps} AdamW steps a batch" if facts["slot"] else "SLOT_ENABLED=0",
+              "SLOT (same pass)": f"{a.slot_steps} AdamW steps a batch, eager" if facts["slot"] else "SLOT_ENABLED=0",
               "TTT per-document LoRA": "slowest rank of each phase",
               "TTT global SGD": f"{facts['g_steps']} steps, eager (global_sgd is not compiled)",
               "compile warm-up": "ASSUMED", "load and decode": "ASSUMED"}
-    print(f"projection on {W}xH100, seconds:           eager  compiled")
-    for k in parts[True]:
-        print(f"  {k:22s} {parts[False][k]:8.1f}  {parts[True][k]:8.1f}   {labels[k]}")
-    total = {c: sum(parts[c].values()) for c in (False, True)}
-    print(f"  {'total':22s} {total[False]:8.1f}  {total[True]:8.1f}   of the 600 s evaluation budget")
-    print(f"  TTT LoRA if every launch hid behind device work: eager {facts[False]['overlap']:.0f} s, compiled "
-          f"{facts[True]['overlap']:.0f} s ({facts[True]['launches']:,.0f} launches on the slowest ranks, compiled)")
+    print(f"projection on {W}xH100, seconds:  " + "".join(f"{m:>17s}" for m in MODES))
+    for k in parts["eager"]:
+        print(f"  {k:22s}" + "".join(f"{parts[m][k]:17.1f}" for m in MODES) + f"   {labels[k]}")
+    total = {m: sum(parts[m].values()) for m in MODES}
+    print(f"  {'total':22s}" + "".join(f"{total[m]:17.1f}" for m in MODES) + "   of the 600 s evaluation budget")
+    print("  TTT LoRA if every launch hid behind device work: " + ", ".join(
+        f"{m} {facts[m]['overlap']:.0f} s ({facts[m]['launches']:,.0f} launches)" for m in MODES))
     if source.startswith("ASSUMED"):
-        alt = []
-        for sigma in (0.7, 1.3):
-            l2, _ = doc_lengths(a, "", sigma)
-            alt.append(f"sigma {sigma}: {ttt_seconds(sm[True], l2, p, W)[0]:.0f} s")
+        alt = [f"sigma {sigma}: {ttt_seconds(sm['compiled'], doc_lengths(a, '', sigma)[0], p, W)[0]:.0f} s"
+               for sigma in (0.7, 1.3)]
         print(f"  sensitivity to the ASSUMED lengths, TTT LoRA compiled: {', '.join(alt)} (sigma 1.0: "
-              f"{parts[True]['TTT per-document LoRA']:.0f} s)")
+              f"{parts['compiled']['TTT per-document LoRA']:.0f} s)")
     print(f"bench: traced and replayed in {time.perf_counter() - t0:.1f}s on this machine")
+    ok = lambda t: f"{'fits' if t <= tg.EVAL_BUDGET_SECONDS else 'OVER'}, margin {tg.EVAL_BUDGET_SECONDS - t:.0f}s"
+    ttt = {m: parts[m]["TTT per-document LoRA"] + parts[m]["TTT global SGD"] for m in MODES}
+    print(f"ttt_projected_8xh100: {ttt['compiled']:.0f}s TTT compiled ({ttt['compiled, split']:.0f}s with inductor's "
+          f"split, {ttt['eager']:.0f}s eager); document lengths "
+          f"{'ASSUMED' if source.startswith('ASSUMED') else 'of ' + args.val_shard}")
+    print(f"eval_projected_8xh100: {total['compiled']:.0f}s compiled ({ok(total['compiled'])}), "
+          f"{total['compiled, split']:.0f}s with inductor's split ({ok(total['compiled, split'])}), "
+          f"{total['eager']:.0f}s eager ({ok(total['eager'])}) of the {tg.EVAL_BUDGET_SECONDS:.0f} s budget: "
+          "round trip + sliding + SLOT + TTT + compile + load")
     if not args.no_measure:
         cuda = torch.cuda.is_available()
         docs, doc_len = args.docs or (64 if cuda else 2), args.doc_len or (512 if cuda else 96)
         sec, s_lens, sample, name = measure_sample(a, p, docs, doc_len, args.compiled_sample and cuda)
-        proj = [ttt_seconds(sm[c], s_lens, sample, 1)[0] for c in (False, True)]
+        proj = ", ".join(f"{m} {ttt_seconds(sm[m], s_lens, sample, 1)[0]:.3f}s" for m in MODES)
         print(f"measured: real ttt_evaluate ({'compiled' if args.compiled_sample and cuda else 'eager'}) of {docs} "
-              f"documents x {doc_len} targets on {name}: {sec:.2f}s; the model of work gives for the same sample on "
-              f"one H100 {proj[0]:.3f}s eager, {proj[1]:.3f}s compiled")
-    ok = lambda t: f"{'fits' if t <= tg.EVAL_BUDGET_SECONDS else 'OVER'}, margin {tg.EVAL_BUDGET_SECONDS - t:.0f}s"
-    print(f"ttt_projected_8xh100: {parts[True]['TTT per-document LoRA'] + parts[True]['TTT global SGD']:.0f}s TTT "
-          f"compiled (eager {parts[False]['TTT per-document LoRA'] + parts[False]['TTT global SGD']:.0f}s); "
-          f"lengths {'ASSUMED' if source.startswith('ASSUMED') else 'of ' + args.val_shard}")
-    print(f"eval_projected_8xh100: {total[True]:.0f}s compiled ({ok(total[True])}), {total[False]:.0f}s eager "
-          f"({ok(total[False])}) of the {tg.EVAL_BUDGET_SECONDS:.0f} s budget: round trip + sliding + SLOT + TTT + "
-          "compile + load")
+              f"documents x {doc_len} targets on {name}: {sec:.2f}s; the model of work for the same sample on one "
+              f"H100: {proj}")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,7 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "bench"))
 import ttt_speed as ts  # noqa: E402
 
-# a small model of the record's shape: every part (GQA, partial RoPE, bigram, value embedding, XSA, U-Net skips)
-SMALL = {"NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "ROPE_DIMS": "8",
-         "VOCAB_SIZE": "128", "BIGRAM_VOCAB_SIZE": "64", "BIGRAM_DIM": "16", "VE_DIM": "16", "VE_LAYERS": "1",
-         "XSA_LAST_N": "2", "TTT_LORA_RANK": "8"}
+SMALL = ts.CHECK_MODEL  # a small model of the record's shape: GQA, partial RoPE, bigram, VE, XSA, U-Net skips
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +159,7 @@ def test_fit_reproduces_a_step_it_was_not_fitted_on(small, fit_runs):
     trace, steps = ts.trace_ttt_batch(model, p, [300, 300, 300])
     assert steps[4] == [3, 256, 3]
     for compiled in (False, True):
-        seg, flops, _, nbytes = ts.kernels(trace, compiled)
+        seg, flops, _, nbytes, _ = ts.kernels(trace, compiled)
         fit = ts.StepModel(fit_runs, compiled)
         for s in ("pre", "fwd", "post", "bwd"):
             want_f, want_b = fit.work(s, 3, 256)
@@ -187,3 +184,4 @@ def test_roofline_and_fusion_on_a_hand_example():
     compiled = (mb4 + mb2) / 3.35e12 + mm + 2 * 5e-6
     assert ts.trace_seconds(tr, compiled=True)["fwd0"] == pytest.approx((compiled, compiled - 10e-6, 2), rel=1e-9)
     assert ts.trace_seconds(tr, compiled=True)["fwd0"][0] < ts.trace_seconds(tr, compiled=False)["fwd0"][0] / 2
+    assert ts.trace_seconds(tr, compiled=True, split=3.0)["fwd0"][2] == 3 + 1  # the fused kernel, split in three
