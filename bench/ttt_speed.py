@@ -30,7 +30,7 @@ backward 2.5x; bytes q, k, v, out (+ a mask)); F.rms_norm is one fused op (torch
              assumed: `--inductor-check` compiles the real ttt_nll forward + backward with inductor on the CPU (no
              triton here) for a small model in fp32 and compares inductor's counts with the rule's for the same
              steps: 152.5 generated kernels per forward+backward against the rule's 39 fused (35 of several ops),
-             102 library calls against 91, 17.4 MB against the rule's 15.5 MB (logs/ttt_speed_cpu.txt). So the
+             101 library calls against 91, 17.3 MB against the rule's 15.5 MB (logs/ttt_speed_cpu.txt). So the
              rule's bytes hold and its kernel count is low: the split adds only launches. CPU kernels are not
              triton's; the first GPU run settles it.
 Seconds of a kernel = max(FLOPs / peak, bytes / bandwidth) (peak by the matmul's input dtype: bf16 989 TFLOP/s;
