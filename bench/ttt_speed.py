@@ -10,11 +10,11 @@ the real ttt_evaluate on a few documents on this device (a sanity line, and on a
 Model of the work. One step of every kind is run on the meta device (shapes only, no data) through the real code
 of train_gpt.py (ttt_batch, global_sgd, evaluate) under a TorchDispatchMode that records each aten op: its FLOPs
 (torch.utils.flop_counter's formulas: matmuls; attention below), its bytes (the memory of its tensor inputs and
-outputs: broadcast dimensions count once, a gather reads as much as it writes, plus its indices) and which tensors it reads and
-writes. What CUDA runs and meta cannot show is substituted, each stated: CUDA autocast's bf16 policy (its op lists:
-matmuls in bf16; pow, sum, softmax, normalize, cross-entropy in fp32) is emulated above autograd, so casts and
-their backward are traced as on CUDA; attention is one flash-style op (FLOPs 4*B*H*Tq*Tk*D, halved when causal;
-backward 2.5x; bytes q, k, v, out (+ a mask)); F.rms_norm is one fused op (torch's CUDA kernel).
+outputs: broadcast dimensions count once, a gather reads as much as it writes, plus its indices) and which tensors
+it reads and writes. What CUDA runs and meta cannot show is substituted, each stated: CUDA autocast's bf16 policy
+(its op lists: matmuls in bf16; pow, sum, softmax, normalize, cross-entropy in fp32) is emulated above autograd, so
+casts and their backward are traced as on CUDA; attention is one flash-style op (FLOPs 4*B*H*Tq*Tk*D, halved when
+causal; backward 2.5x; bytes q, k, v, out (+ a mask)); F.rms_norm is one fused op (torch's CUDA kernel).
   eager    = every traced op is one kernel launch.
   compiled = what torch.compile runs on CUDA (TTT's forward and backward, the eval model's forward): matmuls and
              attention stay library kernels; every other op (elementwise, reductions, casts, gathers) is fused with
@@ -48,8 +48,9 @@ window T. Ranks meet at every global phase, so each phase costs its slowest rank
 forward + backward of the base, document-masked attention, gradient all-reduce, SGD) are costed by the same tracer.
 Round trip and sliding are costed per batch of EVAL_BATCH windows from a traced evaluate() batch (hidden states of
 every position; logits only at the scored ones), SLOT (when SLOT_ENABLED) from the same pass. Document lengths:
-the real ones with --val-shard (its first VAL_TOKENS tokens if set, else at most the official split's); without, ASSUMED log-normal
-lengths with the split's totals (50,000 documents; 62,021,632 tokens for sp1024, 40,540,160 for sp8192: SPEC)."""
+the real ones with --val-shard (its first VAL_TOKENS tokens if set, else at most the official split's); without,
+ASSUMED log-normal lengths with the split's totals (50,000 documents; 62,021,632 tokens for sp1024, 40,540,160 for
+sp8192: SPEC); no public statistic of FineWeb's document lengths was found to do better."""
 from __future__ import annotations
 
 import argparse, contextlib, io, os, sys, time
@@ -258,9 +259,9 @@ class TraceCtx(tg.Ctx):
     """A Ctx on the meta device with bf16 autocast (as CUDA): all_reduce records the NCCL traffic, or stops the
     trace (evaluate's final reduction reads .item(), which meta cannot)."""
 
-    def __init__(self, trace, rank=0, world=1, stop_at_reduce=False):
+    def __init__(self, rank=0, world=1, stop_at_reduce=False):
         super().__init__(rank, world, 0, torch.device("meta"))
-        self.bf16, self.trace, self.stop = True, trace, stop_at_reduce
+        self.bf16, self.stop = True, stop_at_reduce
         self.allreduce_bytes = 0
 
     def all_reduce(self, t, op=None):
@@ -335,7 +336,7 @@ def trace_ttt_batch(model, p, lens, bf16=True):
 
     lora.step, lora.reset = traced_step, traced_reset
     with tracing(tr):
-        ctx = TraceCtx(tr)
+        ctx = TraceCtx()
         ctx.bf16 = bf16
         tg.ttt_batch(ctx, model, val, tg.documents(tokens), p, lora, nll_fn)
     return tr, steps
@@ -364,7 +365,6 @@ def kernels(trace, compiled, split=1.0, groups_out=None):
         live.append((i, reads))
         for k, _ in op[7]:
             producer[k] = i
-    index = {i: n for n, (i, _) in enumerate(live)}
     N = len(live)
     producer, src, users, preds = {}, [], {}, [[] for _ in live]
     for n, (i, reads) in enumerate(live):
@@ -559,7 +559,7 @@ def trace_global_step(model, p, world):
     L, per_step = p["seq_len"], max(1, p["global_chunk"] // p["seq_len"])
     tr, n = Trace(), per_step * L
     tokens = doc_tokens([L // 2] * (2 * per_step), model.tok_emb.num_embeddings)[:n + 1]
-    ctx = TraceCtx(tr, 0, world)
+    ctx = TraceCtx(0, world)
     tr.seg = "global"
     with tracing(tr):
         tg.global_sgd(ctx, model, tg.Val(tokens, np.ones(n, np.int32)), n, p)
@@ -587,7 +587,7 @@ def trace_eval_batch(model, L, stride, batch, points):
     real_slot_fit, model.eval_hidden, tg.slot_fit = tg.slot_fit, hidden, slot_fit
     try:
         with tracing(tr):
-            tg.evaluate(TraceCtx(tr, 1, 2, stop_at_reduce=True), model, tg.Val(tokens[:n + 1], np.ones(n, np.int32)),
+            tg.evaluate(TraceCtx(1, 2, stop_at_reduce=True), model, tg.Val(tokens[:n + 1], np.ones(n, np.int32)),
                         L, stride, batch, points)
     except _EndOfTrace:
         pass
