@@ -1,0 +1,187 @@
+"""bench/ttt_speed.py: --val-shard on a small shard; the schedule replay against what ttt_evaluate runs; the traced
+FLOPs against a formula of the model's matmuls; the (n, T) fit against a step it was not fitted on; the roofline
+and fusion rules on a hand example."""
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import ttt_speed as ts  # noqa: E402
+
+SMALL = ts.CHECK_MODEL  # a small model of the record's shape: GQA, partial RoPE, bigram, VE, XSA, U-Net skips
+
+
+@pytest.fixture(scope="module")
+def small():
+    a = tg.Settings(SMALL)
+    return a, ts.meta_model(a.arch())
+
+
+@pytest.fixture(scope="module")
+def fit_runs(small):
+    a, model = small
+    return ts.trace_fit_runs(model, a.ttt_point())
+
+
+def write_shard(path, tokens):
+    header = np.zeros(tg.HEADER_INTS, np.int32)
+    header[:3] = tg.SHARD_MAGIC, tg.SHARD_VERSION, len(tokens)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, np.uint16).tobytes())
+
+
+def run_bench(monkeypatch, capsys, *args, env=()):
+    """bench/ttt_speed.py's main() in this process (the meta device warm): (exit status, stdout, stderr)."""
+    for k, v in {**SMALL, **dict(env)}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(sys, "argv", ["ttt_speed.py", *args])
+    try:
+        ts.main()
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_val_shard_gives_its_documents_and_the_projection(tmp_path, monkeypatch, capsys):
+    lens = [37, 5, 120, 64, 9, 300, 18]
+    path = tmp_path / "fineweb_val_000000.bin"
+    write_shard(path, ts.doc_tokens(lens, 128))
+    status, out, err = run_bench(monkeypatch, capsys, "--val-shard", str(path), "--no-measure", "--compile-s", "0",
+                                 "--load-s", "0")
+    assert status == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("document lengths:"))
+    assert f"from the shard {path}" in line and f"; {len(lens)} documents, {sum(lens)} targets" in line
+    assert "ASSUMED (no --val-shard)" not in out and "sensitivity" not in out
+    proj = [x for x in out.splitlines() if x.startswith(("ttt_projected_8xh100: ", "eval_projected_8xh100: "))]
+    assert len(proj) == 2 and "compiled" in proj[0] and "600 s budget" in proj[1]
+    # VAL_TOKENS cuts the shard: the first two documents and 10 targets of the third
+    a = tg.Settings({**SMALL, "VAL_TOKENS": str(37 + 5 + 11)})
+    lens_cut, what = ts.doc_lengths(a, str(path))
+    assert lens_cut.tolist() == [37, 5, 10] and "53 tokens, VAL_TOKENS" in what
+
+
+def test_without_a_shard_the_lengths_are_assumed_and_a_bad_shard_is_one_error_line(tmp_path, monkeypatch, capsys):
+    lens, what = ts.doc_lengths(tg.Settings(SMALL), "")
+    assert what.startswith("ASSUMED") and len(lens) == ts.VAL_DOCS and abs(lens.sum() - 62_021_632) < 1000
+    lens, _ = ts.doc_lengths(tg.Settings({**SMALL, "VOCAB_SIZE": "8192"}), "")
+    assert abs(lens.sum() - 40_540_160) < 1000
+    status, out, err = run_bench(monkeypatch, capsys, "--val-shard", str(tmp_path / "missing.bin"), "--no-measure")
+    assert status == 2 and err.startswith("error: ") and "missing.bin" in err and not out
+    assert len(err.strip().splitlines()) == 1
+
+
+class ReduceFree(tg.Ctx):
+    def all_reduce(self, t, op=None):
+        return t
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_replay_is_the_schedule_ttt_evaluate_runs(monkeypatch, world):
+    """Every (n, nt, T) of every chunk step and every global phase's prefix, rank by rank, in order: batches of 3,
+    windows of 64 to 192 (capped at 160 tokens), documents shorter than a chunk, two phase boundaries."""
+    lens = [5, 40, 17, 3, 164, 33, 8, 21, 150, 12, 9, 200, 1, 26]
+    p = tg.Settings(SMALL).ttt_point(chunk=8, batch=3, seq_len=160, phases=2, prefix_docs=6, rank=4)
+    model = tg.GPT(tg.Settings(SMALL).arch()).requires_grad_(False)
+    tokens = ts.doc_tokens(lens, 128)
+    assert tg.documents(tokens)[:, 1].tolist() == lens
+    phases, global_tokens = ts.replay(np.array(lens), p, world)
+    real_nll, real_step = tg.ttt_nll, tg.TTTAdapters.step
+    for rank in range(world):
+        steps, prefixes = [], []
+
+        def nll(model, x, *args):
+            steps.append([x.size(0), 0, x.size(1)])
+            return real_nll(model, x, *args)
+
+        def step(self, nt):
+            steps[-1][1] = nt
+            return real_step(self, nt)
+
+        monkeypatch.setattr(tg, "ttt_nll", nll)
+        monkeypatch.setattr(tg.TTTAdapters, "step", step)
+        monkeypatch.setattr(tg, "global_sgd", lambda ctx, model, val, n, p: prefixes.append(n))
+        ctx = ReduceFree(rank, world, 0, torch.device("cpu"))
+        tg.ttt_evaluate(ctx, model, (tokens, np.ones(len(tokens) - 1, np.int32)), p)
+        want = np.concatenate([np.stack(ph[rank][:3], 1) for ph in phases])
+        assert np.array_equal(np.array(steps), want)
+        assert set(want[:, 2]) == {64, 128, 192} and (want[:, 1] == 0).any()  # capped windows; untrained chunks
+        assert ((want[:, 1] > 0) & (want[:, 1] < want[:, 0])).any()  # finished documents leave the optimiser
+        assert prefixes == global_tokens == [sum(lens[:3]), sum(lens[:6])]  # phases: docs 0-2, 3-5, 6-13
+        assert [ph[rank][3] for ph in phases] == [-(-len(range(rank, k, world)) // 3) for k in (3, 3, 8)]
+
+
+def formula_flops(a, n, T, C, r):
+    """FLOPs of one TTT step's matmuls and attention, forward and backward, written out from the architecture:
+    the base is frozen (backward: input gradients only, none into the first layer's q/k/v whose input needs none);
+    LoRA u = x A^T, y = u B^T (backward: dB, du, dA, and dx where x needs a gradient); attention causal, backward
+    2.5x; logits only at the C scored positions, in fp32."""
+    d, L, H, V = a.model_dim, a.num_layers, a.num_heads, a.vocab_size
+    hd, f = d // H, a.mlp_mult * d
+    kv = a.num_kv_heads * hd
+    block = d * d + 2 * d * kv + d * d + 2 * d * f
+    base = L * block + a.bigram_dim * d + a.ve_dim * kv
+    lora = {"q": d, "k": kv, "v": kv, "o": d, "mlp": d}
+    attn = L * 4 * n * H * T * T * hd / 2
+    fwd = 2 * n * T * base + attn + 2 * n * C * d * V + sum(L * 2 * n * T * (d * r + r * o) for o in lora.values())
+    fwd += 2 * n * C * (d * r + r * V)
+    bwd = 2 * n * T * (L * block - (d * d + 2 * d * kv)) + 2.5 * attn + 2 * n * C * d * V
+    for t, o in lora.items():
+        per = 2 * n * T * (d * r + r * o)
+        first = per * 2 - (2 * n * T * d * r if t in ("q", "k", "v", "o") else 0)  # layer 0: no dx into x0
+        bwd += first + (L - 1) * 2 * per
+    bwd += 2 * 2 * n * C * (d * r + r * V)
+    return fwd, bwd
+
+
+def test_traced_flops_match_a_formula_of_the_matmuls(small, fit_runs):
+    a, _ = small
+    p = a.ttt_point()
+    model_fit = ts.StepModel(fit_runs, compiled=False)
+    for n, T in ((5, 320), (64, 2048)):  # neither was traced: the fit carries them
+        fwd, bwd = formula_flops(a, n, T, p["chunk"], p["rank"])
+        got_fwd, got_bwd = (model_fit.work(s, n, T)[0].sum() for s in ("fwd", "bwd"))
+        assert got_fwd == pytest.approx(fwd, rel=0.02) and got_bwd == pytest.approx(bwd, rel=0.02)
+        assert ts.StepModel(fit_runs, compiled=True).work("bwd", n, T)[0].sum() == pytest.approx(got_bwd)
+
+
+def test_fit_reproduces_a_step_it_was_not_fitted_on(small, fit_runs):
+    """Step 4 of three 300-target documents: n = 3, window 240 -> 256, training; eager and compiled, per kernel."""
+    a, model = small
+    p = a.ttt_point()
+    trace, steps = ts.trace_ttt_batch(model, p, [300, 300, 300])
+    assert steps[4] == [3, 256, 3]
+    for compiled in (False, True):
+        seg, flops, _, nbytes, _ = ts.kernels(trace, compiled)
+        fit = ts.StepModel(fit_runs, compiled)
+        for s in ("pre", "fwd", "post", "bwd"):
+            want_f, want_b = fit.work(s, 3, 256)
+            assert np.allclose(flops[seg == f"{s}4"], want_f, rtol=1e-9, atol=1e-3)
+            assert np.allclose(nbytes[seg == f"{s}4"], want_b, rtol=1e-9, atol=1e-3)
+        assert np.allclose(nbytes[seg == "adam4"], fit.work("adam", 3)[1], rtol=1e-9)
+
+
+def test_roofline_and_fusion_on_a_hand_example():
+    """(x + 1) * 2, relu, cast to bf16, then a bf16 matmul, on 1024 x 1024: eager, five kernels; compiled, the four
+    elementwise ops are one kernel that reads x once (fp32) and writes the bf16 result once."""
+    N = 1024
+    x, w = torch.empty(N, N, device="meta"), torch.empty(N, N, device="meta", dtype=torch.bfloat16)
+    tr = ts.Trace()
+    tr.seg = "fwd0"
+    with tr:
+        torch.relu((x + 1) * 2).to(torch.bfloat16) @ w
+    mb4, mb2 = N * N * 4, N * N * 2
+    mm = max(2 * N ** 3 / 989e12, 3 * mb2 / 3.35e12)
+    eager = 3 * (2 * mb4 / 3.35e12) + (mb4 + mb2) / 3.35e12 + mm + 5 * 5e-6
+    assert ts.trace_seconds(tr, compiled=False)["fwd0"][0] == pytest.approx(eager, rel=1e-9)
+    compiled = (mb4 + mb2) / 3.35e12 + mm + 2 * 5e-6
+    assert ts.trace_seconds(tr, compiled=True)["fwd0"] == pytest.approx((compiled, compiled - 10e-6, 2), rel=1e-9)
+    assert ts.trace_seconds(tr, compiled=True)["fwd0"][0] < ts.trace_seconds(tr, compiled=False)["fwd0"][0] / 2
+    assert ts.trace_seconds(tr, compiled=True, split=3.0)["fwd0"][2] == 3 + 1  # the fused kernel, split in three
