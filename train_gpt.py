@@ -1818,13 +1818,16 @@ class TTTAdapters:
         self.t = 0
 
     def open(self, n, train):
-        """Leaf views of the first n documents' adapters for one forward (and backward)."""
+        """Leaf views of the first n documents' adapters for one forward (and backward), unbound into one tensor per
+        adapter: the backward stacks their gradients once (a slice each would add a whole bank per adapter)."""
         self.a = self.A[:n].detach().requires_grad_(train)
         self.b = {o: b[:n].detach().requires_grad_(train) for o, b in self.B.items()}
+        self.parts = self.a.unbind(1), {o: b.unbind(1) for o, b in self.b.items()}
+        return [*self.parts[0], *(t for p in self.parts[1].values() for t in p)]
 
     def adapter(self, s, t):
         i, o, j = self.where[s, t]
-        return self.a[:, i], self.b[o][:, j], self.scale
+        return self.parts[0][i], self.parts[1][o][j], self.scale
 
     def slot(self, s):
         return {t: self.adapter(s, t) for t in self.targets}
@@ -1880,8 +1883,7 @@ def ttt_batch(ctx, model, val, docs, p, lora, nll_fn, on_scored=None):
         weight = (live & (l > (c + 1) * C)) / live.sum(1, keepdim=True).clamp_min(1)
         x, y = tokens[s + pos], tokens[s + pos + 1]
         for step in range(max(p["steps"], 1)):
-            lora.open(n, train=p["steps"] > 0)
-            for t in (x, y, slot, lora.a, *lora.b.values()):  # one compiled graph for every batch and window size
+            for t in (x, y, slot, *lora.open(n, train=p["steps"] > 0)):  # one graph for every batch and window size
                 torch._dynamo.maybe_mark_dynamic(t, 0)
             torch._dynamo.maybe_mark_dynamic(x, 1)
             with torch.set_grad_enabled(p["steps"] > 0):  # also where no document trains: one compiled graph

@@ -44,8 +44,10 @@ GOAL_TOKENS_PER_S, GOAL_SLOT_SECONDS, GPUS = 1.3e6, 60.0, 8
 
 # ---- the implementations the speed changes replaced; each computes what the current code computes
 
-def gqa_with_copies(q, k, v):
+def gqa_with_copies(q, k, v, doc=None):
     """K/V repeated to every query head (head h reads KV head h // group, as SDPA's enable_gqa does)."""
+    if doc is not None:  # document masking has no copy-based variant: the current kernel
+        return ATTENTION(q, k, v, doc)
     rep = q.size(2) // k.size(2)
     k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -65,7 +67,7 @@ class MuonPerMatrix(tg.Muon):
                 p.add_(u.to(p.dtype), alpha=-group["lr"])
 
 
-ADAMW = torch.optim.AdamW
+ADAMW, ATTENTION = torch.optim.AdamW, tg.causal_attention
 
 
 def adamw_loop(*args, **kwargs):

@@ -270,7 +270,7 @@ def test_finished_documents_leave_the_batch_and_the_optimiser(sharp_model, monke
     monkeypatch.setattr(tg.TTTAdapters, "step", lambda self, n: seen.append(("step", n)))
     real_open = tg.TTTAdapters.open
     monkeypatch.setattr(tg.TTTAdapters, "open", lambda self, n, train: (seen.append(("open", n)),
-                                                                          real_open(self, n, train)))
+                                                                          real_open(self, n, train))[1])
     lens = [70, 30, 12, 5]  # one batch, chunk 8
     tokens = np.concatenate(make_docs(lens) + [[tg.BOS_ID]])
     tg.ttt_evaluate(CTX, sharp_model, (tokens, np.ones(len(tokens) - 1)), dict(P, phases=0, batch=4))
