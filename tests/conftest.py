@@ -114,3 +114,12 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _train_switches_restored():
+    """train() flips the module's QAT and LOOPING switches; a test that stops it midway must not leak them."""
+    yield
+    tg = sys.modules.get("train_gpt")
+    if tg is not None:
+        tg.QAT, tg.LOOPING = False, True

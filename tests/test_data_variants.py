@@ -280,7 +280,7 @@ def test_train_gpt_logs_the_sidecar_figures_and_refuses_a_wrong_length_sidecar(r
     tokens, _ = split_docs(folder, "val")
     rule = int(tg.target_bytes(tokens, tg.byte_tables(sp, 512)).sum())
     side = int(read_shard(folder / "fineweb_val_bytes_000000.bin")[1:].sum())
-    assert f"val_loader: tokens:{len(tokens)} bytes:{rule}\n" in r.stdout
+    assert f"val_loader: tokens:{len(tokens)} bytes:{rule} seconds:" in r.stdout
     assert f"val_bytes_sidecar: files:1 bytes:{side} rule_bytes:{rule} ratio:{rule / side:.6f} " in r.stdout
     sub = json.loads((r.log_dir / "side.submission.json").read_text())
     assert sub["sidecar_bytes_ratio"] == pytest.approx(rule / side, rel=1e-12)
