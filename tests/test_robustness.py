@@ -196,9 +196,10 @@ def make_genuine():
     config = tg.Settings(TINY).arch()
     torch.manual_seed(0)
     state = {k: v.detach().float() for k, v in tg.GPT(config).state_dict().items()}
-    hess = {k: torch.eye(v.shape[1]) for k, v in state.items() if tg.quant_kind(k, v) == "int6"}
-    tensors, _ = tg.quantize_state(state, hess, 128, 0.01)
-    assert {kind for _, kind, _ in tensors} == {"int6", "int8", "fp16", "fp32"}
+    hess = {k: torch.eye(v.shape[1]) for k, v in state.items() if tg.quant_kind(k, v, config) == "int6"}
+    tensors, _ = tg.quantize_state(state, hess, tg.Settings(TINY))
+    tensors += tg.row_orders(tensors, torch.device("cpu"))
+    assert {kind for _, kind, _ in tensors} == {"int6", "int8", "fp16", "fp32", "u16"}
     return config, tensors, [(k, "fp32", v.numpy()) for k, v in state.items()]
 
 
