@@ -1521,7 +1521,7 @@ def read_artifact(path, check_model=True):
                         want.update({name + "#lqa": ("int2", (sh[0], r)), name + "#lqb": ("int4", (r, sh[1])),
                                      name + "#lqas": ("fp16", (1,)),
                                      name + "#lqbs": ("fp16", (r, -(-sh[1] // LQER_GROUP)))})
-                want.update({r + "#perm": ("u16", (n,)) for r, n in rows.items() if r in REORDERED and n <= 65536})
+                want.update({r + "#perm": ("u16", (n,)) for r, n in rows.items() if r + "#perm" in got})
                 if got != want:
                     k = min(set(got.items()) ^ set(want.items()))[0]
                     raise bad(f"tensor {k} is {got.get(k)} (kind, shape) but its config's model needs {want.get(k)}")
@@ -1552,10 +1552,6 @@ def export(a, ctx, state, hessians, code_bytes):
     lqer = sorted(k[:-4] for k, *_ in tensors if k.endswith("#lqa"))
     ctx.log(f"gptq: {len(hdiag)} matrices in {time.perf_counter() - t0:.1f}s (bits attn:{a.attn_bits} mlp:{a.mlp_bits} "
             f"embed:{a.embed_bits}) lqer:{','.join(lqer) or 'off'}")
-    t = time.perf_counter()
-    tensors += row_orders(tensors, ctx.device)
-    ctx.log(f"row_order: {', '.join(k[:-5] for k, *_ in tensors if k.endswith('#perm'))} in "
-            f"{time.perf_counter() - t:.1f}s (greedy L1 nearest-neighbour walk)")
     entries, raw = pack_raw(tensors)
     lens = int_lens(entries)
     sym = np.frombuffer(raw[:sum(lens)], np.int8)
@@ -1578,6 +1574,13 @@ def export(a, ctx, state, hessians, code_bytes):
     ctx.log(f"entropy_bound: symbols:{len(sym)} bytes:{bound:.0f} (order-0, per role group or tensor, int values)")
     best = min(payloads, key=lambda k: len(payloads[k]))
     fast = min(payloads, key=seconds.get)
+    t, ordered = time.perf_counter(), tensors + row_orders(tensors, ctx.device)  # kept where the rows' order pays
+    entries, raw = pack_raw(ordered)
+    blob = codecs()[best][0](raw, entries)
+    keep = len(blob) < len(payloads[best]) and codecs()[best][1](blob, entries) == raw
+    ctx.log(f"row_order: {','.join(k[:-5] for k, *_ in ordered[len(tensors):]) or 'none'} bytes:{len(blob)} with {best}"
+            f" ({len(blob) - len(payloads[best]):+d}) kept:{int(keep)} seconds:{time.perf_counter() - t:.1f}")
+    tensors, payloads[best] = (ordered, blob) if keep else (tensors, payloads[best])
     ctx.log(f"codec_chosen: {best}")
     config = a.arch()
     size = {c: lambda ts, c=c: code_bytes + len(encode_artifact(ts, c, "int6", config)) for c in (best, fast)}
