@@ -1141,7 +1141,7 @@ def dequantize(arrays):
             for k, a in arrays.items() if "#" not in k or k.endswith("#q")}
 
 def prune_ones(tensors, hdiag, estimate, confirm, target, log, tries=4):
-    """Zeroes the +-1 int6 values of least reconstruction cost (scale^2 * H_jj) until confirm(tensors) <= target.
+    """Zeroes the +-1 GPTQ values of least reconstruction cost (scale^2 * H_jj) until confirm(tensors) <= target.
     The binary search sizes candidates with the cheap `estimate` (the fastest codec) plus its last measured gap to
     `confirm` (the chosen codec), so the slow codec runs at most `tries` + 1 times: the export stays bounded."""
     arrays = {k: a for k, _, a in tensors}
@@ -1177,7 +1177,7 @@ def prune_ones(tensors, hdiag, estimate, confirm, target, log, tries=4):
         size = confirm(pruned(b))
         gap = size - estimate(pruned(b))
         lo, fit = (lo, b) if size <= target else (b + 1, fit)
-    log(f"prune: zeroed {fit} of {len(order)} +-1 int6 values (least scale^2*H_jj first) to fit {target} bytes")
+    log(f"prune: zeroed {fit} of {len(order)} +-1 GPTQ values (least scale^2*H_jj first) to fit {target} bytes")
     return pruned(fit)
 
 
