@@ -1,15 +1,16 @@
-"""Codec sizes and times for the quantised weights, in three layouts, against the order-0 entropy bound: for a saved
+"""Codec sizes and times for the quantised weights, in four layouts, against the order-0 entropy bound: for a saved
 artifact (default: the smoke run's) and for a record-sized model (26,993,756 parameters) with random weights,
-quantised by the same GPTQ code.
+quantised by the same GPTQ code (--no-record: the artifact only).
 
 Layouts: "per tensor" (format 1: each tensor's values on their own, rANS with one table per tensor), "groups"
-(all layers' q together, k, v, ...; stored transposed; one rANS table per group) and "groups+order" (the
-embedding, q and MLP-up rows reordered by the greedy nearest-neighbour walk: what the export writes). Besides the
-export's codecs, candidates measured on the same bytes: PPMd (pyppmd), ZPAQ level 4 and 5 on one thread (zpaq),
-and lrzip's ZPAQ back end (the Debian binary), each where installed. Random weights have no row structure to
-find: their reordering gains nothing, and they compress differently from trained weights.
+(all layers' q together, k, v, ...; stored transposed; one rANS table per group), "groups untransposed" (the same
+row by row, to measure the transposition) and "groups+order" (the embedding, q and MLP-up rows reordered by the
+greedy nearest-neighbour walk, which the export keeps where it pays). Besides the export's codecs, candidates
+measured on the same bytes: PPMd (pyppmd), ZPAQ level 4 and 5 in one block (zpaq), and lrzip's ZPAQ back end
+(the Debian binary), each where installed. Random weights have no row structure to find: their reordering gains
+nothing, and they compress differently from trained weights.
 
-    python bench/codec_table.py [ARTIFACT]
+    python bench/codec_table.py [ARTIFACT] [--no-record]
 """
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 
-LAYOUTS = ("per tensor", "groups", "groups+order")
+LAYOUTS = ("per tensor", "groups untransposed", "groups", "groups+order")
 
 
 def lrzip(args):
@@ -64,7 +65,9 @@ def layouts(tensors):
     t = time.perf_counter()
     perms = [x for x in tensors if x[0].endswith("#perm")] or tg.row_orders(plain, torch.device("cpu"))
     print(f"row orders ({', '.join(k for k, *_ in perms)}): {time.perf_counter() - t:.1f}s")
-    return {"per tensor": [(k + "_" if kind in tg.INT_KINDS else k, kind, a) for k, kind, a in plain],
+    layer = lambda t: int(t[0].split(".")[1]) if t[0].startswith("blocks.") else -1  # format 1: layer by layer
+    return {"per tensor": [(k + "_" if kind in tg.INT_KINDS else k, kind, a)
+                           for k, kind, a in sorted(plain, key=layer)],
             "groups": plain, "groups+order": plain + perms}
 
 
@@ -82,8 +85,19 @@ def measure(name, enc, dec, raw):
     return len(blob), t_enc, time.perf_counter() - t
 
 
+def untransposed(entries, raw):
+    """pack_raw's bytes with each role group's matrix stored row by row instead of transposed."""
+    raw = bytearray(raw)
+    for es in tg.role_groups(entries).values():
+        n, cols, start = sum(e["shape"][0] for e in es), es[0]["shape"][1], es[0]["offset"]
+        raw[start:start + n * cols] = np.frombuffer(raw, np.int8, n * cols, start).reshape(cols, n).T.tobytes()
+    return entries, bytes(raw)
+
+
 def table(title, tensors, lays=LAYOUTS, extra_on=("groups+order",)):
     packed = {name: tg.pack_raw(ts) for name, ts in layouts(tensors).items() if name in lays}
+    if "groups untransposed" in lays:
+        packed = {k: packed[k] if k in packed else untransposed(*packed["groups"]) for k in lays}
     entries, raw = packed["groups+order"]
     lens = tg.int_lens(entries)
     bounds = {}
@@ -92,7 +106,8 @@ def table(title, tensors, lays=LAYOUTS, extra_on=("groups+order",)):
         bounds[name] = tg.entropy_bound_bytes(np.frombuffer(r[:n], np.int8), tg.int_lens(e))
     print(f"\n{title}: {sum(lens):,} int symbols, {len(raw) - sum(lens):,} bytes of fp16/fp32/uint16 tensors; order-0 "
           f"bound of the symbols: {', '.join(f'{k} {v:,.0f}' for k, v in bounds.items())} bytes")
-    print(f"| codec | {' | '.join(f'{k} bytes' for k in packed)} | seconds (compress / decompress, {' ; '.join(packed)}) |")
+    print(f"| codec | {' | '.join(f'{k} bytes' for k in packed)} | seconds (compress / decompress, "
+          f"{' ; '.join(packed)}) |")
     print("|---|" + "---|" * (len(packed) + 1))
     sizes = {}
     rows = [(n, c, True) for n, c in tg.codecs().items() if n != "none"] + [(n, c, False)
@@ -144,14 +159,16 @@ def record_sized():
 
 def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    path = sys.argv[1] if len(sys.argv) > 1 else "logs/smoke.int6.pgz"
+    args = [x for x in sys.argv[1:] if x != "--no-record"]
+    path = args[0] if args else "logs/smoke.int6.pgz"
     if Path(path).is_file():
         header, arrays = tg.read_artifact(path)
         kinds = {e["key"]: e["kind"] for e in header["entries"]}
         table(f"artifact {path}", [(k, kinds[k], v) for k, v in arrays.items()], extra_on=LAYOUTS)
     else:
         print(f"{path} not found (run `bash run.sh smoke` first); skipping it")
-    table("record-sized model", record_sized(), lays=("per tensor", "groups+order"))
+    if "--no-record" not in sys.argv:
+        table("record-sized model", record_sized(), lays=("per tensor", "groups+order"))
 
 
 if __name__ == "__main__":
