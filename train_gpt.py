@@ -4,8 +4,8 @@ Every setting is an environment variable; see README.md. Order: settings -> data
 optimizer -> training -> export -> evaluation -> main."""
 from __future__ import annotations
 
-import contextlib, copy, difflib, glob, hashlib, importlib, json, lzma, math, os, re, signal, struct, sys, time
-import base64, bz2, traceback
+import contextlib, copy, difflib, glob, hashlib, importlib, json, lzma, math, os, re, signal, struct, subprocess, sys
+import time, base64, bz2, traceback
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -106,6 +106,14 @@ SETTINGS = [
     ("GPTQ_RESERVE_SECONDS", 20.0, "float", "time-cap seconds kept for reading calibration data (GPTQ_CALIB=train)"),
     ("GPTQ_BLOCK", 128, "int", "GPTQ column block size"),
     ("GPTQ_DAMP", 0.01, "float", "GPTQ damping as a fraction of the mean Hessian diagonal"),
+    ("ATTN_BITS", 6, "int", "bits of the attention matrices (GPTQ), 5-8"),
+    ("MLP_BITS", 6, "int", "bits of the MLP matrices (GPTQ), 5-8"),
+    ("EMBED_BITS", 8, "int", "bits of the tied embedding: 8 int8 rows, 6-7 GPTQ with the head inputs' Hessian"),
+    ("ATTN_CLIP_SIGMAS", 0.0, "float", "GPTQ row scale k*std(row)/qmax of attention matrices (0: clip percentiles)"),
+    ("MLP_CLIP_SIGMAS", 0.0, "float", "the same for MLP matrices (record 11.5; 0: clip percentiles)"),
+    ("EMBED_CLIP_SIGMAS", 0.0, "float", "the same for the GPTQ'd embedding (record 14; 0: clip percentiles)"),
+    ("LQER_RANK", 0, "int", "rank of the stored correction of the worst-quantised tensors' error (0: off)"),
+    ("LQER_TOP_K", 3, "int", "LQER corrects the tensors with the largest ||W - W_q||_F, this many"),
     ("TARGET_BYTES", 16000000, "int", "prune +-1 values until code + model fit in this many bytes (0: no pruning)"),
     ("SIZE_LIMIT_BYTES", 16000000, "int", "hard limit on code + model bytes; the run fails above it"),
     ("ARTIFACT", "", "str", "artifact path (default LOG_DIR/<RUN_ID>.int6.pgz); read by EVAL_ONLY=1"),
@@ -161,7 +169,7 @@ ARCH_KEYS = ["VOCAB_SIZE", "TRAIN_SEQ_LEN", "NUM_LAYERS", "MODEL_DIM", "NUM_HEAD
              "LN_SCALE", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM", "SMEAR_ENABLED", "VE_ENABLED", "VE_DIM", "VE_LAYERS",
              "UNET_SKIPS", "SKIP_GATED", "TIE_EMBEDDINGS", "TIED_EMBED_INIT_STD", "SMEAR_MODE", "GATE_WINDOW",
              "ATTN_OUT_GATE", "ATTN_GATE_SCALE", "DOC_MASK", "NUM_LOOPS", "LOOP_START", "LOOP_END",
-             "PARALLEL_START_LAYER"]
+             "PARALLEL_START_LAYER", "ATTN_BITS", "MLP_BITS", "EMBED_BITS"]  # bit widths: the tensor kinds follow
 KIND_TEXT = {"int": "an integer", "float": "a number", "bool": "0 or 1", "ints": "comma-separated integers",
              "floats": "comma-separated numbers", "strs": "comma-separated words", "str": "a string"}
 MAX_PARAMS = 1 << 30  # 4 GiB of fp32 weights: far above the record model (27M), far below a memory bomb
@@ -270,7 +278,10 @@ class Settings:
                           "TARGET_BYTES SLOT_STEPS SLOT_LR SLOT_LR_MIN SLOT_WD ROPE_REF_LEN TIED_EMBED_INIT_STD "
                           "MLP_LEAKY_SLOPE SEED RANK LOCAL_RANK TTT_LR TTT_WEIGHT_DECAY TTT_GRAD_STEPS "
                           "PHASED_TTT_NUM_PHASES PHASED_TTT_PREFIX_DOCS GLOBAL_TTT_LR GLOBAL_TTT_EPOCHS "
-                          "GLOBAL_TTT_GRAD_CLIP NUM_LOOPS LOOP_START PARALLEL_START_LAYER ATTN_GATE_SCALE"),
+                          "GLOBAL_TTT_GRAD_CLIP NUM_LOOPS LOOP_START PARALLEL_START_LAYER ATTN_GATE_SCALE "
+                          "ATTN_CLIP_SIGMAS MLP_CLIP_SIGMAS EMBED_CLIP_SIGMAS LQER_RANK LQER_TOP_K"),
+                 "in [5, 8]": (lambda v: 5 <= v <= 8, "ATTN_BITS MLP_BITS"),
+                 "in [6, 8]": (lambda v: 6 <= v <= 8, "EMBED_BITS"),
                  "in [0, 1)": (lambda v: 0 <= v < 1, "MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 EMA_DECAY "
                                "GLOBAL_TTT_MOMENTUM TTT_BETA2"),
                  "in [0, 1]": (lambda v: 0 <= v <= 1, "SWA_LR_THRESHOLD LATE_QAT_THRESHOLD WARMDOWN_FRAC MIN_LR "
@@ -342,6 +353,8 @@ class Settings:
                  f"chunks must be in [1, TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len}]", "use chunks <= TTT_EVAL_SEQ_LEN")
         need(set(self.ttt_lora_targets) <= set(LORA_TARGETS), "TTT_LORA_TARGETS",
              f"must be a subset of {','.join(LORA_TARGETS)}", "list some of q,k,v,o,mlp,head (e.g. k,o,mlp,head)")
+        need(self.embed_bits == 8 or self.tie_embeddings, "EMBED_BITS", "GPTQ of the embedding takes its Hessian from "
+             "the tied head's inputs", "set TIE_EMBEDDINGS=1, or EMBED_BITS=8")
         need(self.gptq_calib != "train" or self.eval_only or not self.max_wallclock_seconds
              or self.gptq_reserve_seconds < self.max_wallclock_seconds, "GPTQ_RESERVE_SECONDS",
              "leaves no training time", "keep it well below MAX_WALLCLOCK_SECONDS")
@@ -1173,15 +1186,18 @@ def train(a, ctx, model, train_files, val):
 # ----------------------------------------------------------------------------- export: GPTQ
 
 CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+LQER_GROUP = 64  # columns of B per int4 scale
 
-def quant_kind(name, t):
-    """int6 GPTQ for attention/MLP matrices, int8 rows for large tables, fp16 for small matrices, fp32 for
-    control vectors and scalars."""
-    if name.startswith("blocks.") and name.endswith(".weight") and t.ndim == 2:
-        return "int6"
-    if name.endswith(".weight") and t.ndim == 2:
-        return "int8" if t.numel() > 65536 else "fp16"
-    return "fp32"
+def quant_kind(name, t, c):
+    """GPTQ at ATTN_BITS / MLP_BITS for block matrices, and at EMBED_BITS < 8 for the tied embedding; int8 rows for
+    gates (any size) and other large tables; fp16 for small matrices, fp32 for control vectors and scalars."""
+    if t.ndim == 2 and name.startswith("blocks.") and name.endswith(".weight"):
+        return f"int{c['MLP_BITS'] if '.mlp.' in name else c['ATTN_BITS']}"
+    if t.ndim == 2 and name == "tok_emb.weight" and c["EMBED_BITS"] < 8:
+        return f"int{c['EMBED_BITS']}"
+    if t.ndim == 2 and (name.endswith(("gate_w", "skip_gates")) or name.endswith(".weight") and t.numel() > 65536):
+        return "int8"
+    return "fp16" if t.ndim == 2 and name.endswith(".weight") else "fp32"
 
 def quantize_rows(w, qmax, amax=None):
     """Round-to-nearest per-row quantisation: int8 values in [-qmax, qmax] and fp16 scales (row max / qmax)."""
@@ -1207,9 +1223,10 @@ def _gptq_columns(w, U, s, block, qmax):
         w[:, j2:] -= err @ U[i:j2, j2:]
     return q
 
-def gptq_quantize(w, H, block=128, damp=0.01, qmax=31):
+def gptq_quantize(w, H, block=128, damp=0.01, qmax=31, sigmas=0.0):
     """Full-Hessian GPTQ of w [out, in] with H = X^T X of its inputs. Columns go in order of decreasing H
-    diagonal; each row keeps the clip percentile whose result has the least output error (dW H dW^T)."""
+    diagonal; each row keeps the clip percentile whose result has the least output error (dW H dW^T), or with
+    sigmas > 0 has the scale sigmas * std(row) / qmax (SPEC 10)."""
     w, H = w.float().clone(), H.float().clone()
     n = w.size(1)
     dead = H.diag() == 0
@@ -1220,10 +1237,10 @@ def gptq_quantize(w, H, block=128, damp=0.01, qmax=31):
     wp, Hp = w[:, perm], H[perm][:, perm]
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True)
     a = wp.abs()
-    scales = torch.stack([quantize_rows(wp, qmax, a.amax(1) if p >= 1 else torch.quantile(a, p, dim=1))[1]
-                          for p in CLIP_PERCENTILES])  # [P, out]
-    q = _gptq_columns(wp.repeat(len(CLIP_PERCENTILES), 1), U, scales.float().view(-1), block, qmax)
-    q = q.view(len(CLIP_PERCENTILES), *wp.shape)
+    clips = [sigmas * wp.std(dim=1)] if sigmas else [a.amax(1) if p >= 1 else torch.quantile(a, p, dim=1)
+                                                     for p in CLIP_PERCENTILES]
+    scales = torch.stack([quantize_rows(wp, qmax, m)[1] for m in clips])  # [P, out]
+    q = _gptq_columns(wp.repeat(len(clips), 1), U, scales.float().view(-1), block, qmax).view(len(clips), *wp.shape)
     d = wp[None] - q * scales.float()[..., None]
     best = ((d @ Hp) * d).sum(-1).argmin(0)  # [out]
     rows = torch.arange(w.size(0), device=w.device)
@@ -1231,20 +1248,24 @@ def gptq_quantize(w, H, block=128, damp=0.01, qmax=31):
 
 @torch.no_grad()
 def collect_hessians(ctx, model, batches):
-    """H = X^T X of the inputs of every int6 matrix over the calibration batches, summed over ranks."""
+    """H = X^T X of the inputs of every GPTQ matrix over the calibration batches, summed over ranks; for a tied
+    embedding (the head) its inputs are the final-norm outputs."""
     mods = {n: m for n, m in model.named_modules() if isinstance(m, CastedLinear) and m.quantized}
     H = {n: torch.zeros(m.in_features, m.in_features, device=ctx.device) for n, m in mods.items()}
+    tied = model.lm_head is None
+    if tied:
+        H["tok_emb"] = torch.zeros(model.tok_emb.embedding_dim, model.tok_emb.embedding_dim, device=ctx.device)
 
-    def hook(name):
-        def f(_, inp, __):
-            x = inp[0].detach().reshape(-1, inp[0].size(-1)).float()
-            H[name].addmm_(x.T, x)
-        return f
+    def add(name, x):
+        x = x.detach().reshape(-1, x.size(-1)).float()
+        H[name].addmm_(x.T, x)
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    handles = [m.register_forward_hook(lambda m, inp, out, n=n: add(n, inp[0])) for n, m in mods.items()]
     for x in batches:
         with ctx.autocast():
-            model.forward_hidden(x)
+            h = model.forward_hidden(x)
+        if tied:
+            add("tok_emb", h)
     for h in handles:
         h.remove()
     return {n + ".weight": ctx.all_reduce(t) for n, t in H.items()}
@@ -1261,37 +1282,62 @@ def self_generate(ctx, model, n_seqs, seq_len, temperature, seed):
         seq = torch.cat([seq, torch.multinomial(p, 1, generator=gen)], dim=1)
     return seq
 
-def quantize_state(state, hessians, block, damp):
-    """Returns [(key, kind, np.ndarray)] for the artifact and, per int6 tensor, its H diagonal (pruning cost)."""
-    tensors, hdiag = [], {}
+def quantize_state(state, hessians, a):
+    """Returns [(key, kind, np.ndarray)] for the artifact and, per GPTQ'd tensor, its H diagonal (pruning cost).
+    With LQER_RANK, the LQER_TOP_K int tensors of largest ||W - W_q||_F also store their error's low-rank factors."""
+    c, tensors, hdiag, err = a.arch(), [], {}, {}
     for name, t in state.items():
-        kind = quant_kind(name, t)
-        if kind == "int6":
-            q, s = gptq_quantize(t, hessians[name], block, damp)
-            hdiag[name] = hessians[name].diag().float().cpu()
-        elif kind == "int8":
-            q, s = quantize_rows(t, 127)
-        if kind in ("int6", "int8"):
+        kind = quant_kind(name, t, c)
+        if kind in INT_KINDS:
+            qmax = 2 ** (int(kind[3:]) - 1) - 1
+            if name in hessians and (name != "tok_emb.weight" or kind != "int8"):  # EMBED_BITS=8: int8 rows
+                group = "embed" if name == "tok_emb.weight" else "mlp" if ".mlp." in name else "attn"
+                q, s = gptq_quantize(t, hessians[name], a.gptq_block, a.gptq_damp, qmax,
+                                     getattr(a, f"{group}_clip_sigmas"))
+                hdiag[name] = hessians[name].diag().float().cpu()
+            else:
+                q, s = quantize_rows(t, qmax)
+            err[name] = (t.float() - q.float() * s.float()[:, None]).norm().item()
             tensors += [(name + "#q", kind, q.cpu().numpy()), (name + "#scale", "fp16", s.cpu().numpy())]
         else:
             tensors.append((name, kind, t.detach().float().cpu().numpy().astype(np.float16 if kind == "fp16"
                                                                                 else np.float32)))
+    arrays = {k: x for k, _, x in tensors}
+    for name in sorted(err, key=err.get, reverse=True)[:a.lqer_top_k] if a.lqer_rank else []:
+        E = state[name].float().cpu() - torch.from_numpy(dequantize_one(arrays, name))
+        tensors += lqer_factors(name, E, a.lqer_rank)
     return tensors, hdiag
+
+def lqer_factors(name, E, rank):
+    """The rank-r SVD of the quantisation error E = U S V^T as A = U S, int2 in [-2, 1] with one scale |A|max / 1.5,
+    and B = V^T, int4 in [-8, 7] with a scale absmax / 7.5 per 64 columns (SPEC 10); dequantize adds A B."""
+    U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+    A, B = U[:, :rank] * S[:rank], F.pad(Vh[:rank], (0, -E.size(1) % LQER_GROUP)).unflatten(1, (-1, LQER_GROUP))
+    sa = (A.abs().amax() / 1.5).clamp_min(1e-7).half().view(1)
+    sb = (B.abs().amax(-1) / 7.5).clamp_min(1e-7).half()
+    qa = torch.clamp(torch.round(A / sa.float()), -2, 1).to(torch.int8)
+    qb = torch.clamp(torch.round(B / sb.float()[..., None]), -8, 7).to(torch.int8).flatten(1)[:, :E.size(1)]
+    return [(name + "#lqa", "int2", qa.numpy()), (name + "#lqb", "int4", qb.numpy()),
+            (name + "#lqas", "fp16", sa.numpy()), (name + "#lqbs", "fp16", sb.numpy())]
+
+def dequantize_one(arrays, name):
+    """float32 W_q (+ A B where LQER factors are stored) of one quantised tensor."""
+    w = arrays[name + "#q"].astype(np.float32) * arrays[name + "#scale"].astype(np.float32)[:, None]
+    if name + "#lqa" in arrays:
+        qb, sb = arrays[name + "#lqb"].astype(np.float32), arrays[name + "#lqbs"].astype(np.float32)
+        b = np.pad(qb, ((0, 0), (0, -qb.shape[1] % LQER_GROUP))).reshape(*sb.shape, LQER_GROUP) * sb[..., None]
+        w += arrays[name + "#lqa"].astype(np.float32) * arrays[name + "#lqas"].astype(np.float32) @ \
+            b.reshape(len(qb), -1)[:, :qb.shape[1]]
+    return w
 
 def dequantize(arrays):
     """Artifact arrays -> float32 state dict."""
-    state = {}
-    for key, a in arrays.items():
-        if key.endswith("#q"):
-            name = key[:-2]
-            state[name] = torch.from_numpy(a.astype(np.float32)) * torch.from_numpy(
-                arrays[name + "#scale"].astype(np.float32))[:, None]
-        elif not key.endswith("#scale"):
-            state[key] = torch.from_numpy(a.astype(np.float32))
-    return state
+    return {k[:-2] if k.endswith("#q") else k: torch.from_numpy(dequantize_one(arrays, k[:-2]) if k.endswith("#q")
+                                                                else a.astype(np.float32))
+            for k, a in arrays.items() if "#" not in k or k.endswith("#q")}
 
 def prune_ones(tensors, hdiag, estimate, confirm, target, log, tries=4):
-    """Zeroes the +-1 int6 values of least reconstruction cost (scale^2 * H_jj) until confirm(tensors) <= target.
+    """Zeroes the +-1 GPTQ values of least reconstruction cost (scale^2 * H_jj) until confirm(tensors) <= target.
     The binary search sizes candidates with the cheap `estimate` (the fastest codec) plus its last measured gap to
     `confirm` (the chosen codec), so the slow codec runs at most `tries` + 1 times: the export stays bounded."""
     arrays = {k: a for k, _, a in tensors}
@@ -1327,7 +1373,7 @@ def prune_ones(tensors, hdiag, estimate, confirm, target, log, tries=4):
         size = confirm(pruned(b))
         gap = size - estimate(pruned(b))
         lo, fit = (lo, b) if size <= target else (b + 1, fit)
-    log(f"prune: zeroed {fit} of {len(order)} +-1 int6 values (least scale^2*H_jj first) to fit {target} bytes")
+    log(f"prune: zeroed {fit} of {len(order)} +-1 GPTQ values (least scale^2*H_jj first) to fit {target} bytes")
     return pruned(fit)
 
 
@@ -1453,22 +1499,67 @@ def entropy_bound_bytes(sym, seg_lens):
 
 # ----------------------------------------------------------------------------- export: artifact
 
-ART_MAGIC, ART_VERSION = b"PGOLFART", 1
+ART_MAGIC, ART_VERSION = b"PGOLFART", 2
 ART_PREFIX = struct.Struct("<8sII32s")  # magic, format version, header length, sha256 of the header
-NP_DTYPE = {"int6": np.int8, "int8": np.int8, "fp16": np.float16, "fp32": np.float32}
-INT_KINDS = ("int6", "int8")
+INT_KINDS = ("int2", "int4", "int5", "int6", "int7", "int8")  # all stored as int8; the name says the value range
+NP_DTYPE = {**{k: np.int8 for k in INT_KINDS}, "fp16": np.float16, "fp32": np.float32, "u16": np.uint16}
+ROLES = {"attn.q": "q", "attn.k": "k", "attn.v": "v", "attn.proj": "o", "mlp.fc": "up", "mlp.proj": "down",
+         "tok_emb": "embed"}
+ROLE_ORDER, REORDERED = list(ROLES.values()), ("embed", "q", "up")  # the largest groups get their rows reordered
+
+def role(key, kind):
+    """The group of an int tensor stored together with its role's other layers (SPEC 10); None: stored alone."""
+    m = re.fullmatch(r"blocks\.\d+\.(attn\.[qkv]|attn\.proj|mlp\.fc|mlp\.proj)\.weight#q|(tok_emb)\.weight#q", key)
+    return ROLES[m[1] or m[2]] if m and kind in INT_KINDS else None
+
+def store_order(key, kind):  # int tensors first, each role's side by side (read_artifact checks the order)
+    r = role(key, kind)
+    return kind not in INT_KINDS, ROLE_ORDER.index(r) if r else len(ROLE_ORDER)
+
+def role_groups(entries):
+    out = {}
+    for e in entries:
+        if role(e["key"], e["kind"]):
+            out.setdefault(role(e["key"], e["kind"]), []).append(e)
+    return out
+
+@torch.no_grad()
+def row_order(rows, device):
+    """Greedy nearest-neighbour walk (L1 distance) through the rows from row 0: similar rows end up side by side."""
+    x = torch.from_numpy(rows).to(device).float()
+    left, order = torch.ones(len(x), dtype=torch.bool, device=device), torch.zeros(len(x), dtype=torch.long,
+                                                                                   device=device)
+    for i in range(1, len(x)):  # the index stays on the device: no host sync per step
+        left[order[i - 1]] = False
+        order[i] = (x - x[order[i - 1]]).abs().sum(1).masked_fill(~left, float("inf")).argmin()
+    return order.cpu().numpy()
+
+def row_orders(tensors, device):
+    """A `ROLE#perm` tensor (uint16) for each reordered role group that fits uint16: its rows' stored order."""
+    groups = {}
+    for key, kind, a in tensors:
+        groups.setdefault(role(key, kind), []).append(a)
+    return [(r + "#perm", "u16", row_order(np.concatenate(g), device).astype(np.uint16)) for r, g in groups.items()
+            if r in REORDERED and sum(map(len, g)) <= 65536]
 
 def pack_raw(tensors):
-    """Concatenates the arrays, integer symbols first (the rANS codec codes that prefix); fp16 bytes are split
-    into low and high planes, which compress better."""
-    entries, parts, off = [], [], 0
-    for key, kind, a in sorted(tensors, key=lambda t: t[1] not in INT_KINDS):
+    """Concatenates the arrays, integer symbols first (the rANS codec codes that prefix). The int tensors of one role
+    make one matrix, their rows stacked in the order of the role's `#perm` tensor (if any) and stored transposed,
+    so that similar values sit side by side; fp16 bytes are split into low and high planes. Both compress better."""
+    tensors = sorted(tensors, key=lambda t: store_order(*t[:2]))
+    arrays, entries, parts, off = {k: a for k, _, a in tensors}, [], [], 0
+    for key, kind, a in tensors:
         b = np.ascontiguousarray(a, NP_DTYPE[kind]).view(np.uint8)
         b = b.reshape(-1, 2).T.tobytes() if kind == "fp16" else b.tobytes()
         entries.append(dict(key=key, kind=kind, shape=list(a.shape), offset=off, nbytes=len(b)))
         parts.append(b)
         off += len(b)
-    return entries, b"".join(parts)
+    raw = bytearray(b"".join(parts))
+    for r, es in role_groups(entries).items():
+        m = np.concatenate([np.asarray(arrays[e["key"]], np.int8) for e in es])
+        m = m[arrays[r + "#perm"].astype(np.int64)] if r + "#perm" in arrays else m
+        raw[es[0]["offset"]:es[0]["offset"] + m.size] = m.T.tobytes()
+    return entries, bytes(raw)
 
 def unpack_raw(entries, raw):
     out = {}
@@ -1477,10 +1568,27 @@ def unpack_raw(entries, raw):
         if e["kind"] == "fp16":
             b = np.ascontiguousarray(b.reshape(2, -1).T)
         out[e["key"]] = b.view(NP_DTYPE[e["kind"]]).reshape(e["shape"]).copy()
+    for r, es in role_groups(entries).items():
+        n, cols = sum(e["shape"][0] for e in es if e["shape"]), es[0]["shape"][1:]
+        if any(e["shape"][1:] != cols or len(cols) != 1 for e in es):
+            raise ValueError(f"the {r} group's tensors are not matrices of one width")
+        m, p = np.frombuffer(raw, np.int8, n * cols[0], es[0]["offset"]).reshape(cols[0], n).T, out.get(r + "#perm")
+        if p is not None and (p.shape != (n,) or not np.array_equal(np.sort(p), np.arange(n))):
+            raise ValueError(f"{r}#perm is not an order of the group's {n} rows")
+        m = m if p is None else m[np.argsort(p)]
+        for e, rows in zip(es, np.split(m, np.cumsum([e["shape"][0] for e in es])[:-1])):
+            out[e["key"]] = np.ascontiguousarray(rows)
     return out
 
 def int_lens(entries):
-    return [e["nbytes"] for e in entries if e["kind"] in INT_KINDS]
+    """rANS segments (one frequency table each): one per role group, one per other int tensor."""
+    lens, prev = [], None
+    for e in entries:
+        r = role(e["key"], e["kind"])
+        if e["kind"] in INT_KINDS:
+            lens[-1:] = [lens[-1] + e["nbytes"]] if r and r == prev else lens[-1:] + [e["nbytes"]]
+        prev = r
+    return lens
 
 def raw_len(entries):  # the declared decoded size: every decoder stops one byte past it, so a bomb costs no more
     return sum(e["nbytes"] for e in entries)
@@ -1496,6 +1604,24 @@ def _rans_pack(raw, entries):
 def _rans_unpack(blob, entries):
     (n,) = struct.unpack_from("<Q", blob)
     return rans_decode(blob[8:8 + n], int_lens(entries)).tobytes() + _unlzma(blob[8 + n:], raw_len(entries))
+
+ZPAQ_THREADS = 8  # blocks coded side by side: fixed, so that the bytes do not depend on the machine
+UNZPAQ = ("import resource, sys; n = int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_AS, (2**31 + 8 * n,) * 2); "
+          f"import zpaq; sys.stdout.buffer.write(zpaq.decompress(sys.stdin.buffer.read(), threads={ZPAQ_THREADS})"
+          "[:n + 1])")
+
+def _unzpaq(blob, n):
+    """ZPAQ decodes by running the model program that its stream carries, to an output of any length: a child
+    process does it, its memory and time capped by the declared size n (level 5 needs ~1.2 GB, ~0.2 MB/s per
+    thread), so that a crafted stream costs no more than a genuine file of that size."""
+    try:
+        r = subprocess.run([sys.executable, "-c", UNZPAQ, str(n)], input=blob, capture_output=True,
+                           timeout=60 + n / 1e5)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"zpaq stream not decoded within {60 + n / 1e5:.0f}s") from None
+    if r.returncode:
+        raise ValueError(f"zpaq stream rejected ({(r.stderr.decode(errors='replace').splitlines() or [''])[-1]})")
+    return r.stdout
 
 def codecs():
     """name -> (compress(raw, entries), decompress(blob, entries)) or a reason it is unavailable."""
@@ -1514,6 +1640,12 @@ def codecs():
                             lambda b, e: brotli.Decompressor().process(b, output_buffer_limit=raw_len(e) + 1))
     except ImportError:
         out["brotli-11"] = "python package brotli is not installed"
+    try:
+        import zpaq
+        out["zpaq-5"] = (lambda r, e: zpaq.compress(r, level=5, threads=ZPAQ_THREADS),
+                         lambda b, e: _unzpaq(b, raw_len(e)))
+    except ImportError:
+        out["zpaq-5"] = "python package zpaq is not installed"
     return out
 
 class ArtifactError(ConfigError):
@@ -1561,7 +1693,8 @@ def read_artifact(path, check_model=True):
                 if (not isinstance(e, dict) or any(type(e.get(k)) is not t for k, t in ENTRY_FIELDS.items())
                         or e["kind"] not in NP_DTYPE or any(type(n) is not int or n < 0 for n in e["shape"])
                         or e["offset"] != off or e["nbytes"] != math.prod(e["shape"]) * NP_DTYPE[e["kind"]]().itemsize
-                        or e["kind"] in INT_KINDS and i and entries[i - 1]["kind"] not in INT_KINDS):
+                        or i and store_order(entries[i - 1]["key"], entries[i - 1]["kind"]) > store_order(e["key"],
+                                                                                                     e["kind"])):
                     raise bad(f"entry {i} is malformed, out of order or not contiguous ({str(e)[:100]})")
                 off += e["nbytes"]
             if off != header["raw_bytes"] or off > 4 * MAX_PARAMS or len({e["key"] for e in entries}) < len(entries):
@@ -1571,11 +1704,20 @@ def read_artifact(path, check_model=True):
                 want = {}  # key -> (kind, shape) as quantize_state (or the prequant export: all fp32) writes them
                 with torch.device("meta"):  # the model's tensor shapes, nothing allocated
                     shapes = {k: tuple(v.shape) for k, v in GPT(header["config"]).state_dict().items()}
+                got, rows = {e["key"]: (e["kind"], tuple(e["shape"])) for e in entries}, {}
                 for name, sh in shapes.items():
-                    kind = "fp32" if header["label"] == "prequant" else quant_kind(name, torch.empty(sh, device="meta"))
+                    kind = "fp32" if header["label"] == "prequant" else quant_kind(
+                        name, torch.empty(sh, device="meta"), header["config"])
                     want.update({name + "#q": (kind, sh), name + "#scale": ("fp16", sh[:1])} if kind in INT_KINDS
                                 else {name: (kind, sh)})
-                got = {e["key"]: (e["kind"], tuple(e["shape"])) for e in entries}
+                    if role(name + "#q", kind):
+                        rows[role(name + "#q", kind)] = rows.get(role(name + "#q", kind), 0) + sh[0]
+                    r = got.get(name + "#lqa", ("", (0, 0)))[1][-1]  # LQER factors: any rank up to the matrix's
+                    if kind in INT_KINDS and 0 < r <= min(sh):
+                        want.update({name + "#lqa": ("int2", (sh[0], r)), name + "#lqb": ("int4", (r, sh[1])),
+                                     name + "#lqas": ("fp16", (1,)),
+                                     name + "#lqbs": ("fp16", (r, -(-sh[1] // LQER_GROUP)))})
+                want.update({r + "#perm": ("u16", (n,)) for r, n in rows.items() if r + "#perm" in got})
                 if got != want:
                     k = min(set(got.items()) ^ set(want.items()))[0]
                     raise bad(f"tensor {k} is {got.get(k)} (kind, shape) but its config's model needs {want.get(k)}")
@@ -1602,8 +1744,10 @@ def export(a, ctx, state, hessians, code_bytes):
     """Quantises, measures every codec, keeps the smallest bit-exact one, prunes to TARGET_BYTES, writes ARTIFACT.
     Rank 0 only; returns the model byte count."""
     t0 = time.perf_counter()
-    tensors, hdiag = quantize_state(state, hessians, a.gptq_block, a.gptq_damp)
-    ctx.log(f"gptq: {len(hdiag)} int6 matrices in {time.perf_counter() - t0:.1f}s")
+    tensors, hdiag = quantize_state(state, hessians, a)
+    lqer = sorted(k[:-4] for k, *_ in tensors if k.endswith("#lqa"))
+    ctx.log(f"gptq: {len(hdiag)} matrices in {time.perf_counter() - t0:.1f}s (bits attn:{a.attn_bits} mlp:{a.mlp_bits} "
+            f"embed:{a.embed_bits}) lqer:{','.join(lqer) or 'off'}")
     entries, raw = pack_raw(tensors)
     lens = int_lens(entries)
     sym = np.frombuffer(raw[:sum(lens)], np.int8)
@@ -1623,9 +1767,16 @@ def export(a, ctx, state, hessians, code_bytes):
         ctx.log(f"codec:{name} bytes:{len(blob)} exact:{int(exact)} seconds:{seconds[name]:.1f}{extra}")
         if exact:
             payloads[name] = blob
-    ctx.log(f"entropy_bound: symbols:{len(sym)} bytes:{bound:.0f} (order-0, per tensor, int6+int8 values)")
+    ctx.log(f"entropy_bound: symbols:{len(sym)} bytes:{bound:.0f} (order-0, per role group or tensor, int values)")
     best = min(payloads, key=lambda k: len(payloads[k]))
     fast = min(payloads, key=seconds.get)
+    t, ordered = time.perf_counter(), tensors + row_orders(tensors, ctx.device)  # kept where the rows' order pays
+    entries, raw = pack_raw(ordered)
+    blob = codecs()[best][0](raw, entries)
+    keep = len(blob) < len(payloads[best]) and codecs()[best][1](blob, entries) == raw
+    ctx.log(f"row_order: {','.join(k[:-5] for k, *_ in ordered[len(tensors):]) or 'none'} bytes:{len(blob)} with {best}"
+            f" ({len(blob) - len(payloads[best]):+d}) kept:{int(keep)} seconds:{time.perf_counter() - t:.1f}")
+    tensors, payloads[best] = (ordered, blob) if keep else (tensors, payloads[best])
     ctx.log(f"codec_chosen: {best}")
     config = a.arch()
     size = {c: lambda ts, c=c: code_bytes + len(encode_artifact(ts, c, "int6", config)) for c in (best, fast)}

@@ -107,7 +107,7 @@ def test_quantize_state_kinds_and_dequantize():
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
     H = {n + ".weight": torch.eye(m.in_features) for n, m in model.named_modules()
          if isinstance(m, tg.CastedLinear) and m.quantized}
-    tensors, hdiag = tg.quantize_state(state, H, 128, 0.01)
+    tensors, hdiag = tg.quantize_state(state, H, tg.Settings({}))  # default bits: int6 GPTQ, int8 rows
     kinds = {k: kind for k, kind, _ in tensors}
     assert sorted(hdiag) == sorted(H)
     for name, t in state.items():
