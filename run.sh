@@ -93,8 +93,7 @@ frontier_defaults() {  # record_frontier.env (the best merged record, SPEC secti
     case "$k" in ''|'#'*) continue ;; esac
     [ -n "${!k+set}" ] || export "$k=$v"
   done < record_frontier.env
-  lacks+=("quantisation: std clip, int7 embedding, int8 gates, LQER (issue 17) are not built yet; int6 GPTQ runs")
-  lacks+=("compression: role grouping and a context-mixing coder are not built yet; the smallest of rANS, Brotli, zstd, LZMA runs")
+  python -c "import zpaq" 2>/dev/null || lacks+=("compression: the context-mixing coder (python package zpaq) is not installed, so the smallest of rANS, Brotli, zstd and LZMA runs; fix: pip install zpaq")
   lacks+=("GPTQ calibration: the record read training data after the cap (not allowed); self-generated text runs")
   for k in "${lacks[@]}"; do echo "record-frontier: lacks $k"; done
 }

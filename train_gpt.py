@@ -114,6 +114,8 @@ SETTINGS = [
     ("EMBED_CLIP_SIGMAS", 0.0, "float", "the same for the GPTQ'd embedding (record 14; 0: clip percentiles)"),
     ("LQER_RANK", 0, "int", "rank of the stored correction of the worst-quantised tensors' error (0: off)"),
     ("LQER_TOP_K", 3, "int", "LQER corrects the tensors with the largest ||W - W_q||_F, this many"),
+    ("CODECS", [], "strs", "codecs the export may choose, smallest exact wins (empty: every available one; zpaq-5 "
+     "decodes in ~80 s at the record size on a CPU core, inside the eval's time)"),
     ("TARGET_BYTES", 16000000, "int", "prune +-1 values until code + model fit in this many bytes (0: no pruning)"),
     ("SIZE_LIMIT_BYTES", 16000000, "int", "hard limit on code + model bytes; the run fails above it"),
     ("ARTIFACT", "", "str", "artifact path (default LOG_DIR/<RUN_ID>.int6.pgz); read by EVAL_ONLY=1"),
@@ -176,6 +178,7 @@ MAX_PARAMS = 1 << 30  # 4 GiB of fp32 weights: far above the record model (27M),
 TORCHRUN = (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"))  # checked as ints
 
 LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")
+CODEC_NAMES = ("lzma-9", "rans", "zstd-22", "brotli-11", "zpaq-5")  # the export's candidates (codecs())
 
 class ConfigError(Exception):
     """A bad setting or input file; main() prints it as one line and exits 2."""
@@ -351,6 +354,8 @@ class Settings:
             v = getattr(self, n.lower())
             need(all(0 < c <= self.ttt_eval_seq_len for c in (v if isinstance(v, list) else [v])), n,
                  f"chunks must be in [1, TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len}]", "use chunks <= TTT_EVAL_SEQ_LEN")
+        need(set(self.codecs) <= set(CODEC_NAMES), "CODECS", f"must be a subset of {','.join(CODEC_NAMES)}",
+             "list some of them, e.g. CODECS=rans,brotli-11 (or leave it empty: all)")
         need(set(self.ttt_lora_targets) <= set(LORA_TARGETS), "TTT_LORA_TARGETS",
              f"must be a subset of {','.join(LORA_TARGETS)}", "list some of q,k,v,o,mlp,head (e.g. k,o,mlp,head)")
         need(self.embed_bits == 8 or self.tie_embeddings, "EMBED_BITS", "GPTQ of the embedding takes its Hessian from "
@@ -1756,7 +1761,7 @@ def export(a, ctx, state, hessians, code_bytes):
     for name, codec in codecs().items():
         if isinstance(codec, str):
             ctx.log(f"codec:{name} skipped ({codec})")
-        if isinstance(codec, str) or name == "none":
+        if isinstance(codec, str) or name == "none" or (a.codecs and name not in a.codecs):
             continue
         t = time.perf_counter()
         blob = codec[0](raw, entries)

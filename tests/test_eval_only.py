@@ -7,8 +7,10 @@ import pytest
 
 @pytest.fixture(scope="module")
 def trained(toy_env, run_script):
-    r = run_script({**toy_env, "RUN_ID": "base", "SLOT_ENABLED": "0", "SLIDING_ENABLED": "0"})
+    r = run_script({**toy_env, "RUN_ID": "base", "SLOT_ENABLED": "0", "SLIDING_ENABLED": "0", "CODECS": "rans,lzma-9"})
     assert r.returncode == 0, r.stderr[-2000:]
+    tried = [x.split()[0] for x in r.stdout.splitlines() if x.startswith("codec:") and " bytes:" in x]
+    assert tried == ["codec:lzma-9", "codec:rans"], tried  # CODECS: only those compete
     return r
 
 

@@ -256,7 +256,7 @@ def test_adamw_weight_decay_per_group():
                                      ({"PARALLEL_START_LAYER": "4", "NUM_LOOPS": "1"}, "PARALLEL_START_LAYER"),
                                      ({"SMEAR_MODE": "token"}, "SMEAR_MODE"), ({"MUON_NS": "cubic"}, "MUON_NS"),
                                      ({"MIN_LR": "1.5"}, "MIN_LR"), ({"EMBED_WD": "-0.5"}, "EMBED_WD"),
-                                     ({"GATE_WINDOW": "600"}, "GATE_WINDOW"), ({"ENABLE_LOOPING_AT": "2"},
+                                     ({"GATE_WINDOW": "600"}, "GATE_WINDOW"), ({"CODECS": "rans,gzip"}, "CODECS"), ({"ENABLE_LOOPING_AT": "2"},
                                                                               "ENABLE_LOOPING_AT")])
 def test_bad_frontier_settings_are_config_errors(env, msg):
     with pytest.raises(tg.ConfigError, match=msg):
