@@ -1745,6 +1745,16 @@ def read_artifact(path, check_model=True):
         why = (str(e).splitlines() or [""])[0].split("; fix:")[0]  # a ConfigError: a bad setting in its config
         raise bad(f"invalid header, config or payload ({type(e).__name__}: {why})") from None
 
+@contextlib.contextmanager
+def exact_fp32():
+    """TF32 off: GPTQ's Hessians and Cholesky factors in true fp32, as the reference GPTQ computes them."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
 def export(a, ctx, state, hessians, code_bytes):
     """Quantises, measures every codec, keeps the smallest bit-exact one, prunes to TARGET_BYTES, writes ARTIFACT.
     Rank 0 only; returns the model byte count."""
@@ -1821,6 +1831,11 @@ def on_device(val, device):
                            torch.from_numpy(np.asarray(val[1]).astype(np.int32)).to(device))
     return val.dev[device]
 
+def to_device(a, device):
+    """A small host array on the device without waiting for the device's queued work (pinned, non-blocking copy)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
 def window_batch(val, starts, seq_len, stride, batch, device):
     """Inputs, targets, scored mask, already-scored (context) mask and target bytes for a batch of windows, built on
     the device and padded to `batch` windows with empty masks so that every batch has one shape."""
@@ -1875,7 +1890,7 @@ def evaluate(ctx, model, val, seq_len, stride, batch, points=(None,), label="eva
     bpb = sum of nll / ln 2 / sum of bytes, in float64."""
     hidden = getattr(model, "eval_hidden", model.forward_hidden)
     starts = np.array_split(window_starts(len(val[0]) - 1, seq_len, stride), ctx.world)[ctx.rank]
-    starts_dev = torch.from_numpy(starts).to(ctx.device)
+    starts_dev = to_device(starts, ctx.device)
     n_batches = -(-len(starts) // batch)
     sums = torch.zeros(len(points), 3, dtype=torch.float64, device=ctx.device)
     spans = [[] for _ in points]
@@ -1932,11 +1947,6 @@ def ttt_window_tokens(n, chunk, seq_len):
     m, k = -(-np.asarray(n, np.int64) // chunk), seq_len // chunk
     k = np.minimum(m, k)
     return chunk * k * (k + 1) // 2 + (m - k) * seq_len
-
-def to_device(a, device):
-    """A small host array on the device without waiting for the device's queued work (pinned, non-blocking copy)."""
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 class TTTAdapters:
     """Per-document LoRA adapters of every slot and target, banked: A [N, k, r, d] for all k adapters (every input
@@ -2103,7 +2113,7 @@ def ttt_evaluate(ctx, model, val, p, on_scored=None, label="TTT eval", compiled=
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
     parts = [lo + np.argsort(-docs[lo:hi, 1], kind="stable")[ctx.rank::ctx.world]
              for lo, hi in zip(bounds[:-1], bounds[1:])]  # longest first, for even batches and ranks
-    batches = [m[i:i + p["batch"]] for m in parts for i in range(0, len(m), p["batch"])]
+    n_total = sum(-(-len(m) // p["batch"]) for m in parts)  # this rank's batches
     work = ttt_window_tokens(docs[:, 1], p["chunk"], p["seq_len"])
     total, done, n_batches = int(work[np.concatenate(parts)].sum()), 0, 0
     lora = TTTAdapters(model, p, p["batch"], ctx.device)
@@ -2117,7 +2127,7 @@ def ttt_evaluate(ctx, model, val, p, on_scored=None, label="TTT eval", compiled=
                 if n_batches == 1:  # the first batch compiles: the projection extrapolates the next ones
                     ctx.sync()
                     first, t1, done1 = time.perf_counter() - t0, time.perf_counter(), done
-                if n_batches == min(4, len(batches)):
+                if n_batches == min(4, n_total):
                     ctx.sync()
                     sec = time.perf_counter() - t1
                     proj = first + (sec / (done - done1) * (total - done1) if done > done1 else 0.0)
@@ -2275,16 +2285,6 @@ def open_run(a, ctx, code_bytes):
     if note:
         ctx.log(note)
     return run_id
-
-@contextlib.contextmanager
-def exact_fp32():
-    """TF32 off: GPTQ's Hessians and Cholesky factors in true fp32, as the reference GPTQ computes them."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 def failed_log(path):
     """A run's log that ends with its `error:` line: the run stopped on it (a running or killed run's does not)."""
