@@ -1886,8 +1886,8 @@ def evaluate(ctx, model, val, seq_len, stride, batch, points=(None,), label="eva
     """Scores every val target once (windows of seq_len every stride tokens, split across ranks). Each point is
     None (plain scoring) or a SLOT setting; hidden states are computed once per batch for all points. The data
     stay on the device, sums are masked (no boolean indexing) and times are CUDA events, so the host never waits
-    on the GPU but for the first batches' projection. Returns [(val_loss, val_bpb, seconds)] per point;
-    bpb = sum of nll / ln 2 / sum of bytes, in float64."""
+    on the GPU but for the first batches' projection. Returns [(val_loss, val_bpb, seconds)] per point, the shared
+    hidden pass charged to the first point only (so the points' seconds add up to the pass's); bpb = sum of nll / ln 2 / sum of bytes, in float64."""
     hidden = getattr(model, "eval_hidden", model.forward_hidden)
     starts = np.array_split(window_starts(len(val[0]) - 1, seq_len, stride), ctx.world)[ctx.rank]
     starts_dev = to_device(starts, ctx.device)
@@ -1918,7 +1918,7 @@ def evaluate(ctx, model, val, seq_len, stride, batch, points=(None,), label="eva
                 nll = F.cross_entropy(softcap_logits(hs, W, model.softcap, bias).flatten(0, 1), ys.flatten(),
                                       reduction="none")
             sums[i] += torch.cat([(nll.view_as(sel).double() * sel).sum()[None], counts])
-            spans[i] += [(m0, m1), (m, ctx.mark())]
+            spans[i] += [(m0, m1)] * (i == 0) + [(m, ctx.mark())]
         if b == 0:  # the first batch includes compilation: not projected
             ctx.sync()
             first, t_first = time.perf_counter() - t0, time.perf_counter()
@@ -2364,8 +2364,8 @@ def run(a, ctx, run_id, code_bytes):
     model = model_from(header["config"], dequantize(arrays), ctx, a.compile)
     final_evals(a, ctx, model, val, results, header["label"])
     ctx.sync()
-    took = ctx.all_reduce(torch.tensor(time.perf_counter() - t_eval, dtype=torch.float64, device=ctx.device),
-                          dist.ReduceOp.MAX).item() + t_val
+    took = round(ctx.all_reduce(torch.tensor(time.perf_counter() - t_eval, dtype=torch.float64, device=ctx.device),
+                                dist.ReduceOp.MAX).item() + t_val, 1)  # one rounding: the log and the JSON agree
     ctx.log(f"eval_total: {took:.1f}s of the {EVAL_BUDGET_SECONDS:.0f} s evaluation budget (val data {t_val:.1f}s, "
             f"then artifact read, decompression, model build, every compile and eval to the last score; slowest rank)"
             + (" warning: over the budget" if took > EVAL_BUDGET_SECONDS else ""))
@@ -2393,9 +2393,9 @@ def write_submission(a, ctx, run_id, results, code_bytes, model_bytes, header, s
                      f"artifact; val_bpb from {method[metric]}; {hw}; {steps} training steps"
                      + (" (eval-only run)" if a.eval_only else ""),
                metric=metric, hardware=hw, seed=a.seed, train_steps=steps, train_time_ms=round(train_ms),
-               eval_seconds=round(eval_seconds, 2),
+               eval_seconds=eval_seconds,
                val_tokens=int(a.val_tokens) or "all",
-               results={k: dict(val_loss=v[0], val_bpb=v[1], seconds=round(v[2], 2), method=method.get(k, k),
+               results={k: dict(val_loss=v[0], val_bpb=v[1], seconds=round(v[2], 1), method=method.get(k, k),
                                 legal=k in LEGAL, **({"val_bpb_on_sidecar_bytes": v[1] * r} if r else {}))
                         for k, v in results.items()}, **({"sidecar_bytes_ratio": r} if r else {}))
     path = Path(a.log_dir) / f"{run_id}.submission.json"

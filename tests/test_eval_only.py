@@ -35,11 +35,13 @@ def test_eval_only_reproduces_the_round_trip_and_runs_causal_slot(trained, toy_e
     assert (r.log_dir / "ev.submission.json").is_file()
     # eval_total covers every eval (and the reading, decompression, model build and compiles around them)
     total = float(re.search(r"^eval_total: ([0-9.]+)s of the 600 s evaluation budget", r.stdout, flags=re.M)[1])
-    # the round trip, then one hidden pass shared by sliding and SLOT (their eval_time lines both count it)
-    evals = [float(re.search(r"^final_int6_roundtrip_exact .* eval_time:([0-9.]+)s", r.stdout, flags=re.M)[1]),
-             float(re.search(r"^eval_pass: .* seconds:([0-9.]+)", r.stdout, flags=re.M)[1])]
-    assert total >= sum(evals) - 0.1  # each figure is rounded to 0.1 s
-    assert abs(json.loads((r.log_dir / "ev.submission.json").read_text())["eval_seconds"] - total) <= 0.05
+    # the round trip, then one hidden pass shared by sliding and SLOT: charged once (to sliding), so the evals' own
+    # figures add up to no more than eval_total (each printed to 0.1 s: 0.05 s of rounding a figure)
+    evals = [float(x) for x in re.findall(r"^final_\S+ .*eval_time:([0-9.]+)s", r.stdout, flags=re.M)]
+    assert len(evals) == 3 and sum(evals) <= total + 0.05 * len(evals)
+    passes = [float(x) for x in re.findall(r"^eval_pass: .* seconds:([0-9.]+)", r.stdout, flags=re.M)]
+    assert len(passes) == 1 and sum(evals[1:]) <= passes[0] + 0.1  # sliding's and SLOT's spans lie inside the pass
+    assert json.loads((r.log_dir / "ev.submission.json").read_text())["eval_seconds"] == total  # one rounding
 
 
 def test_sweep_prints_one_row_per_grid_point_and_zero_steps_equals_plain(trained, toy_env, run_script):

@@ -216,6 +216,10 @@ def test_script_prints_ttt_line_and_headline(two_ranks):
     assert "ttt_projected: TTT eval " in two_ranks.stdout
     sub = json.loads((two_ranks.log_dir / "ttt2.submission.json").read_text())
     assert sub["metric"] == "ttt" and f"{sub['val_bpb']:.8f}" == re.search(r"val_bpb:(\S+)", line)[1]
+    # every eval second counted once: the evals' own figures (0.05 s of rounding each) never exceed eval_total
+    evals = [float(x) for x in re.findall(r"^final_\S+ .*eval_time:([0-9.]+)s", two_ranks.stdout, flags=re.M)]
+    total = float(re.search(r"^eval_total: ([0-9.]+)s", two_ranks.stdout, flags=re.M)[1])
+    assert len(evals) >= 2 and sum(evals) <= total + 0.05 * len(evals) and sub["eval_seconds"] == total
 
 
 def test_one_rank_sweep_rows_equal_two_ranks(two_ranks, artifact, toy_env, run_script):
