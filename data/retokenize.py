@@ -6,9 +6,10 @@
 The documents: datasets/docs_selected.jsonl of the dataset willdepueoai/parameter-golf (one JSON object a line,
 the text under "text"; fetched through the hub client into its cache when --docs is not given), read line by line,
 never whole.
-1. Tokenizer: a SentencePiece BPE of N pieces trained on the first S documents (default 5,000,000, the sample the
-   sp4096 and sp8192 records used) with the records' settings (SPEC section 10): character_coverage 0.999,
-   byte_fallback, split_digits, nmt_nfkc normalisation, no dummy prefix, ids 0-3 pad/BOS/EOS/unk. With --caseops
+1. Tokenizer: a SentencePiece BPE of N pieces trained on the first S documents after the K val documents (never on
+   val text; default 5,000,000, the sample the sp4096 and sp8192 records used) with the records' settings (SPEC
+   section 10): character_coverage 0.999, byte_fallback, split_digits, nmt_nfkc normalisation, no dummy prefix,
+   ids 0-3 pad/BOS/EOS/unk. With --caseops
    every document is first CaseOps-transformed (data/caseops.py) and the four operators are user-defined pieces
    4-7 (byte pieces 8-263). An existing tokenizer of that name is reused (--force retrains it).
 2. Shards: every document as [BOS] + its pieces, encoded by W worker processes (default: every core), in order.
@@ -93,10 +94,11 @@ def doc_text(line, number):
                   "published docs_selected.jsonl (or a file of the same layout) as --docs")
 
 
-def sample(path, n, use_caseops):
-    """The first n documents, as the tokenizer trains on them (NULs as spaces, stripped; CaseOps form if asked)."""
-    for lines, numbers, _ in batches(path, 0):
-        for line, number in zip(lines, numbers):
+def sample(path, n, use_caseops, skip):
+    """The first n documents after the first `skip` (the val split: a tokenizer never learns from val text), as the
+    tokenizer trains on them (NULs as spaces, stripped; CaseOps form if asked)."""
+    for lines, numbers, is_val in batches(path, skip):
+        for line, number in zip(lines, numbers if not is_val else ()):
             if n == 0:
                 return
             n -= 1
@@ -109,17 +111,17 @@ def train_tokenizer(args, docs, prefix):
     t = time.time()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=sample(docs, args.sample_docs, args.caseops), model_writer=model, model_type="bpe",
+            sentence_iterator=sample(docs, args.sample_docs, args.caseops, args.val_docs), model_writer=model, model_type="bpe",
             vocab_size=args.vocab_size, character_coverage=0.999, byte_fallback=True, split_digits=True,
             normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
             hard_vocab_limit=False, user_defined_symbols=list(caseops.OPERATORS) if args.caseops else [],
             num_threads=args.workers, minloglevel=2)
     except RuntimeError as e:  # e.g. fewer pieces than the characters that coverage 0.999 requires
-        raise Failure(f"--vocab-size {args.vocab_size}: SentencePiece could not train on the first "
-                      f"{args.sample_docs:,} documents of {docs} ({one_line(e)}); fix: a larger --vocab-size") from None
+        raise Failure(f"--vocab-size {args.vocab_size}: SentencePiece could not train on the "
+                      f"{args.sample_docs:,} documents after the val split of {docs} ({one_line(e)}); fix: a larger --vocab-size") from None
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     if sp.vocab_size() != args.vocab_size:
-        raise Failure(f"--vocab-size {args.vocab_size}: the first {args.sample_docs:,} documents of {docs} support "
+        raise Failure(f"--vocab-size {args.vocab_size}: the {args.sample_docs:,} documents after the val split of {docs} support "
                       f"only {sp.vocab_size()} pieces; fix: a larger --sample-docs (or more documents), or a smaller "
                       "--vocab-size")
     write_atomic(prefix.with_suffix(".model"), [model.getvalue()])
@@ -201,6 +203,10 @@ def main(argv=None):
             if not lo <= value <= hi:
                 raise Failure(f"--{name} {value} is out of range; fix: use a value in [{lo}, {hi}] (the byte-fallback "
                               "and special pieces alone take 260, with --caseops 264)")
+        if args.val_docs != 50_000:
+            print(f"warning: --val-docs {args.val_docs:,} is not the challenge's 50,000: documents of the official val "
+                  "split " + ("land in the train shards" if args.val_docs < 50_000 else "are left out of training")
+                  + "; a record must use 50,000", file=sys.stderr, flush=True)
         run(args)
     except Failure as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

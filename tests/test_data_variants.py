@@ -213,6 +213,26 @@ def retokenized(tmp_path_factory):
     return out
 
 
+def test_tokenizer_never_learns_from_the_val_documents(tmp_path):
+    """The val documents carry a marker repeated thousands of times, which BPE would surely learn as pieces; none of
+    the learned pieces holds any part of it, and --val-docs other than 50,000 warns in one line."""
+    marker = "qjzxwk vyqjzx "
+    docs = tmp_path / "docs.jsonl"
+    texts = [marker * 60] * 40 + documents()  # each under SentencePiece's 4,192-byte sentence limit
+    docs.write_text("".join(json.dumps({"text": d}) + "\n" for d in texts), encoding="utf-8")
+    r = subprocess.run([sys.executable, str(RETOKENIZE), "--vocab-size", "512", "--docs", str(docs), "--out",
+                        str(tmp_path / "out"), "--val-docs", "40", "--workers", "2"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    warn = [x for x in r.stderr.splitlines() if x.startswith("warning:")]
+    assert len(warn) == 1 and "--val-docs 40 is not the challenge's 50,000" in warn[0] and "train shards" in warn[0]
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizers" / "fineweb_512_bpe.model"))
+    pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+    assert not [p for p in pieces if any(m in p for m in ("qj", "jz", "zx", "xw", "wk", "vy", "yq"))]
+    _, val = split_docs(tmp_path / "out" / "datasets" / "fineweb10B_sp512", "val")
+    assert len(val) == 40 and sp.decode(val[0][1:].tolist()) == (marker * 60).strip()
+
+
 def split_docs(folder, split):
     tokens = np.concatenate([read_shard(p) for p in sorted(folder.glob(f"fineweb_{split}_[0-9]*.bin"))])
     return tokens, np.split(tokens, np.flatnonzero(tokens == 1))[1:]
