@@ -839,7 +839,10 @@ class GPT(nn.Module):
                 gate = None if self.skip_gates is None else torch.sigmoid(self.skip_gates[k]).to(x0.dtype)
                 joined = lanes[0] if lanes else x
                 joined = joined + s if gate is None else torch.lerp(joined, s, gate)
-                x, lanes = (joined, None) if lanes is None else (x, (joined, lanes[1]))
+                if lanes or self.blocks[layer].parallel:  # lane 1 starts as the stream before the skip
+                    lanes = (joined, lanes[1] if lanes else x)
+                else:
+                    x = joined
             ve_i = (ve * self.ve.layer_scales[self.ve_layers.index(layer)].to(ve.dtype) if layer in self.ve_layers
                     else None)
             out = self.blocks[layer](lanes or x, x0, cos, sin, ve_i, doc, lora and lora.slot(i))

@@ -125,6 +125,32 @@ def test_parallel_layer_is_the_spec_formula():
     assert fresh.lane_r.tolist() == pytest.approx([1.1, 1.1]) and fresh.lane_p.tolist() == [[1, 1], [1, 1]]
 
 
+def test_first_parallel_layer_takes_the_skip_on_lane_0_only():
+    """SPEC section 10 (Corrections): layer 4, the first parallel one, receives a U-Net skip; lane 0 = x + w skip,
+    lane 1 = x (the stream before the skip); layer 5's skip joins lane 0 too. Written out by hand below."""
+    model = model_of(PARALLEL_START_LAYER=4)
+    ids = ids_of()
+    x = model.smear(tg.rms_norm(model.tok_emb(ids) + model.bigram(ids)), ids)
+    x0, (cos, sin), ve, pushed = x, rope(model, ids.size(1)), model.ve(ids), []
+    for layer in range(4):
+        if layer == 3:
+            x = x + model.skip_weights[0] * pushed[2]
+        x = model.blocks[layer](x, x0, cos, sin, None)
+        pushed.append(x)
+    lane0, lane1 = x + model.skip_weights[1] * pushed[1], x
+    for layer, skip in ((4, None), (5, pushed[0])):
+        blk = model.blocks[layer]
+        if skip is not None:
+            lane0 = lane0 + model.skip_weights[2] * skip
+        v = ve * model.ve.layer_scales[model.ve_layers.index(layer)]
+        mix, s, r, P = blk.resid_mix, blk.in_scale, blk.lane_r, blk.lane_p
+        a = blk.attn_scale * blk.attn(tg.rms_norm(mix[0] * lane0 + mix[1] * x0) * s, cos, sin, v)
+        m = blk.mlp_scale * blk.mlp(tg.rms_norm(lane1) * s)
+        lane0, lane1 = r[0] * lane0 + P[0, 0] * a + P[1, 0] * m, r[1] * lane1 + P[0, 1] * a + P[1, 1] * m
+    ref = tg.rms_norm((lane0 + lane1) / 2)
+    torch.testing.assert_close(model.forward_hidden(ids), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_final_hidden_state_is_the_mean_of_the_lanes(monkeypatch):
     model = model_of(PARALLEL_START_LAYER=4)
     lanes, seen, norm = {}, [], tg.rms_norm
