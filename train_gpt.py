@@ -649,7 +649,9 @@ def causal_attention(q, k, v, docs=None):
     nb = (n + p) // W
     qb = F.pad(q.flatten(0, 1), (0, 0, 0, 0, 0, p)).view(nb, W, H, D)
     s = F.pad(seg, (W, p), value=-1)
-    pair = lambda t: torch.cat([t[:-W].unflatten(0, (nb, W)), t[W:].unflatten(0, (nb, W))], 1)  # noqa: E731
+
+    def pair(t):  # each block's W keys after the W of the block before (a W-long pad before the first)
+        return torch.cat([t[:-W].unflatten(0, (nb, W)), t[W:].unflatten(0, (nb, W))], 1)
     kb, vb = (pair(F.pad(t.flatten(0, 1), (0, 0, 0, 0, W, p))) for t in (k, v))
     i = torch.arange(W, device=q.device)
     mask = (s[W:].view(nb, W, 1) == pair(s)[:, None]) & (torch.arange(2 * W, device=q.device) <= i[:, None] + W)
