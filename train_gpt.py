@@ -61,7 +61,7 @@ SETTINGS = [
     ("ATTN_OUT_GATE", False, "bool", "per-head attention-output gate sigmoid(ATTN_GATE_SCALE W n[:GATE_WINDOW]) after XSA"),
     ("ATTN_GATE_SCALE", 0.5, "float", "scale inside the attention-output gate's sigmoid"),
     ("DOC_MASK", False, "bool", "attention (and BigramHash) never cross a document boundary (a BOS starts one), in "
-     "training and every eval"),
+     "training and every eval; training packs each document's segments of <= TRAIN_SEQ_LEN tokens (cu_seqlens)"),
     ("NUM_LOOPS", 0, "int", "extra passes of layers LOOP_START..LOOP_END (depth recurrence; 0: off)"),
     ("LOOP_START", 3, "int", "first physical layer of the loop"),
     ("LOOP_END", 5, "int", "last physical layer of the loop (inclusive)"),
@@ -444,6 +444,7 @@ class TrainLoader:
     def __init__(self, files, rank, world, device, vocab_size):
         self.files, self.rank, self.world, self.device, self.vocab = files, rank, world, device, vocab_size
         self.file_idx, self.pos, self.tokens = 0, 0, load_shard(files[0], vocab_size)
+        self.in_doc = 0  # tokens of the current document already taken (segments count from its start)
         self.next = SHARD_READER.submit(load_shard, files[1 % len(files)], vocab_size)
 
     def _take(self, n):
@@ -459,13 +460,26 @@ class TrainLoader:
             self.pos, n = self.pos + k, n - k
         return np.concatenate(parts)
 
-    def next_batch(self, local_tokens, seq_len):
+    def next_batch(self, local_tokens, seq_len, segments=False):
+        """(inputs, targets, cu): rows of seq_len tokens cut from the stream and cu None; with segments (DOC_MASK)
+        one row of local_tokens and cu (padded_cu) cutting each document into segments of at most seq_len tokens
+        counted from the document's own start, as the record trains."""
         span = local_tokens + 1
-        local = self._take(span * self.world)[self.rank * span:(self.rank + 1) * span]
+        stream = self._take(span * self.world)
+        idx = np.arange(len(stream))
+        last_bos = np.maximum.accumulate(np.where(stream == BOS_ID, idx, -self.in_doc))
+        self.in_doc = len(stream) - last_bos[-1]
+        local = stream[self.rank * span:(self.rank + 1) * span]
         t = torch.from_numpy(local.astype(np.int64))
-        if self.device.type == "cuda":
-            t = t.pin_memory().to(self.device, non_blocking=True)  # overlaps the copy with queued compute
-        return t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)
+        cu = None
+        if segments:
+            at = (idx - last_bos)[self.rank * span:(self.rank + 1) * span - 1]
+            cu = torch.from_numpy(padded_cu(np.flatnonzero((at % seq_len == 0) | (idx[:local_tokens] == 0)),
+                                            local_tokens))
+        if self.device.type == "cuda":  # overlaps the copies with queued compute
+            t, cu = (u if u is None else u.pin_memory().to(self.device, non_blocking=True) for u in (t, cu))
+        rows = (1, -1) if segments else (-1, seq_len)
+        return t[:-1].view(rows), t[1:].view(rows), cu
 
 def load_tokenizer(path, vocab_size):
     import sentencepiece as spm
@@ -593,24 +607,57 @@ ATTN_NAME, ATTN_FN, ATTN_VARLEN_FN = _attention_kernel()
 def flash_out(out):
     return out[0] if isinstance(out, tuple) else out
 
-def causal_attention(q, k, v, doc=None):
-    """q [B,T,H,D], k/v [B,T,KV,D]; GQA without repeating K/V. With doc [B,T] (document index of each position),
-    a position attends only to its own document: flash-attn's variable-length kernel on CUDA where installed,
-    else SDPA with a block-diagonal causal mask."""
-    B, T = q.shape[:2]
-    if ATTN_FN is not None and q.is_cuda and doc is None:
+def padded_cu(starts, n):
+    """Segment start offsets and the end n, padded with repeated n to a power of two (at least 64): one static
+    shape per bucket, so a new segment count does not compile anew."""
+    return np.pad(starts, (0, max(64, 1 << len(starts).bit_length()) - len(starts)), constant_values=n).astype(
+        np.int32)
+
+@torch.compiler.disable
+def window_cu(starts):  # an eval window's segments for flash-attn: one host sync per forward
+    return torch.from_numpy(padded_cu(starts.nonzero()[:, 0].cpu().numpy(), starts.numel())).to(starts.device)
+
+def doc_segments(ids, cu, max_len):
+    """Document masking's one representation, over the B*T positions flattened: (cu, seg, pos, max_len). cu: the
+    segment starts padded by padded_cu (the loader's, built on the host; else the window's BOS positions and row
+    starts, needed only by flash-attn); seg: each position's segment number; pos: its offset in its segment (RoPE);
+    max_len: the longest a segment can be."""
+    B, T = ids.shape
+    idx = torch.arange(B * T, device=ids.device)
+    if cu is None:
+        starts = ((ids == BOS_ID) | (idx.view(B, T) % T == 0)).flatten()
+        cu = window_cu(starts) if ATTN_VARLEN_FN is not None and ids.is_cuda else None
+    else:
+        starts = torch.zeros(B * T + 1, dtype=torch.bool, device=ids.device).index_fill(0, cu.long(), True)[:-1]
+    pos = idx - torch.cummax(torch.where(starts, idx, 0), 0).values
+    return cu, torch.cumsum(starts, 0), pos, max_len
+
+def causal_attention(q, k, v, docs=None):
+    """q [B,T,H,D], k/v [B,T,KV,D]; GQA without repeating K/V. With docs (doc_segments) a position attends only to
+    its own segment: flash-attn's variable-length kernel on CUDA where installed, else SDPA over blocks of max_len
+    queries, each seeing its block and the one before (a segment spans at most max_len): never a T x T mask."""
+    B, T, H, D = q.shape
+    if ATTN_FN is not None and q.is_cuda and docs is None:
         return flash_out(ATTN_FN(q, k, v, causal=True))
-    if ATTN_VARLEN_FN is not None and q.is_cuda:  # segments start at each row and each document; T bounds them
-        new = torch.ones_like(doc, dtype=torch.bool)
-        new[:, 1:] = doc[:, 1:] != doc[:, :-1]
-        cu = F.pad(new.flatten().nonzero()[:, 0], (0, 1), value=B * T).to(torch.int32)
-        out = ATTN_VARLEN_FN(*(t.flatten(0, 1) for t in (q, k, v)), cu, cu, T, T, causal=True)
-        return flash_out(out).view_as(q)
-    mask = None if doc is None else (doc[:, None, :, None] == doc[:, None, None, :]) & torch.ones(
-        T, T, dtype=torch.bool, device=q.device).tril()
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                       is_causal=doc is None, enable_gqa=q.size(2) != k.size(2))
-    return y.transpose(1, 2)
+    if docs is None:
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=True, enable_gqa=H != k.size(2)).transpose(1, 2)
+    cu, seg, _, W = docs
+    if ATTN_VARLEN_FN is not None and q.is_cuda:
+        return flash_out(ATTN_VARLEN_FN(*(t.flatten(0, 1) for t in (q, k, v)), cu, cu, W, W, causal=True)).view_as(q)
+    n, p = B * T, -B * T % W
+    nb = (n + p) // W
+    qb = F.pad(q.flatten(0, 1), (0, 0, 0, 0, 0, p)).view(nb, W, H, D)
+    s = F.pad(seg, (W, p), value=-1)
+
+    def pair(t):  # each block's W keys after the W of the block before (a W-long pad before the first)
+        return torch.cat([t[:-W].unflatten(0, (nb, W)), t[W:].unflatten(0, (nb, W))], 1)
+    kb, vb = (pair(F.pad(t.flatten(0, 1), (0, 0, 0, 0, W, p))) for t in (k, v))
+    i = torch.arange(W, device=q.device)
+    mask = (s[W:].view(nb, W, 1) == pair(s)[:, None]) & (torch.arange(2 * W, device=q.device) <= i[:, None] + W)
+    y = F.scaled_dot_product_attention(qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2),
+                                       attn_mask=mask[:, None], enable_gqa=H != k.size(2))
+    return y.transpose(1, 2).flatten(0, 1)[:n].view_as(q)
 
 def apply_rope(x, cos, sin, dims):
     """Rotates the first `dims` channels of each head (half-split pairs); the rest pass through."""
@@ -642,7 +689,7 @@ class Attention(nn.Module):
         self.gate_w = nn.Parameter(torch.zeros(self.h, c["GATE_WINDOW"])) if c["ATTN_OUT_GATE"] else None
         self.gate_scale = c["ATTN_GATE_SCALE"]
 
-    def forward(self, x, cos, sin, ve, doc=None, lora=None):
+    def forward(self, x, cos, sin, ve, docs=None, lora=None):
         """lora: TTT's adapters by target; q, k, v on their inputs, o as a side path from the block input x."""
         B, T, _ = x.shape
         lora = lora or {}
@@ -654,7 +701,7 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin, self.rope_dims) * self.q_gain.to(q.dtype)[:, None]
         k = apply_rope(k, cos, sin, self.rope_dims)
         v = v.view(B, T, self.kv, self.hd)
-        y = causal_attention(q.to(v.dtype), k.to(v.dtype), v, doc)
+        y = causal_attention(q.to(v.dtype), k.to(v.dtype), v, docs)
         if self.use_xsa:
             y = xsa(y, v)
         if self.gate_w is not None:  # per head: sigmoid(scale W n[:window]) of the normalised input n = x
@@ -687,15 +734,15 @@ class Block(nn.Module):
             self.lane_r = nn.Parameter(torch.full((2,), 1.1))
             self.lane_p = nn.Parameter(torch.ones(2, 2))
 
-    def forward(self, x, x0, cos, sin, ve, doc=None, lora=None):
+    def forward(self, x, x0, cos, sin, ve, docs=None, lora=None):
         """x: the residual stream, or in a parallel layer the two lanes (a tensor: both start as it), returned so."""
         mix, s, lora = self.resid_mix.to(x0.dtype), self.in_scale, lora or {}
         if not self.parallel:
             x = mix[0] * x + mix[1] * x0
-            x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * s, cos, sin, ve, doc, lora)
+            x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * s, cos, sin, ve, docs, lora)
             return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * s, lora.get("mlp"))
         l0, l1 = x if isinstance(x, tuple) else (x, x)
-        a = self.attn_scale.to(x0.dtype) * self.attn(rms_norm(mix[0] * l0 + mix[1] * x0) * s, cos, sin, ve, doc, lora)
+        a = self.attn_scale.to(x0.dtype) * self.attn(rms_norm(mix[0] * l0 + mix[1] * x0) * s, cos, sin, ve, docs, lora)
         m = self.mlp_scale.to(x0.dtype) * self.mlp(rms_norm(l1) * s, lora.get("mlp"))
         r, P = self.lane_r.to(x0.dtype), self.lane_p.to(x0.dtype)
         return r[0] * l0 + P[0, 0] * a + P[1, 0] * m, r[1] * l1 + P[0, 1] * a + P[1, 1] * m
@@ -772,6 +819,7 @@ class GPT(nn.Module):
         self.smear = SmearGate(d, c["SMEAR_MODE"], c["GATE_WINDOW"]) if c["SMEAR_ENABLED"] else None
         self.blocks = nn.ModuleList(Block(c, i) for i in range(L))
         self.slots_off, self.slots_on, self.doc_mask = slot_layers(c, False), slot_layers(c, True), c["DOC_MASK"]
+        self.seq_len = c["TRAIN_SEQ_LEN"]
         # U-Net over slots: the first half push their outputs, the next ones pop them in reverse order; weights for
         # the looped sequence's pairs (the plain one uses the first of them)
         S = len(self.slots_on)
@@ -814,11 +862,12 @@ class GPT(nn.Module):
     def head_weight(self):
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward_hidden(self, ids, lora=None, doc_mask=None):
+    def forward_hidden(self, ids, lora=None, doc_mask=None, cu=None):
         """Final hidden states (after the final norm), [B, T, d]. lora: TTT's adapters (TTTAdapters) or None.
-        doc_mask (default DOC_MASK): positions attend only to their own document (a BOS starts one)."""
+        doc_mask (default DOC_MASK): positions attend only to their own document (a BOS starts one) and RoPE counts
+        from its start; cu: the training loader's segments of the flattened ids (TrainLoader.next_batch)."""
         doc_mask = self.doc_mask if doc_mask is None else doc_mask
-        doc = torch.cumsum(ids == BOS_ID, 1) if doc_mask else None
+        docs = doc_segments(ids, cu, self.seq_len if cu is not None else ids.size(1)) if doc_mask else None
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids, doc_mask).to(x.dtype)
@@ -826,8 +875,8 @@ class GPT(nn.Module):
         x = rms_norm(self.smear(x, ids) if smear == "input" else x)
         x = self.smear(x, ids) if smear == "channel" else x
         x0 = x
-        t = torch.arange(ids.size(1), device=ids.device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq)[None, :, None, :]
+        t = torch.arange(ids.size(1), device=ids.device) if docs is None else docs[2].view_as(ids)
+        freqs = (t.float()[..., None] * self.inv_freq)[..., None, :]
         cos, sin = freqs.cos(), freqs.sin()
         ve = self.ve(ids) if self.ve is not None else None
         slots, skips, lanes = self.slots, [], None
@@ -839,10 +888,13 @@ class GPT(nn.Module):
                 gate = None if self.skip_gates is None else torch.sigmoid(self.skip_gates[k]).to(x0.dtype)
                 joined = lanes[0] if lanes else x
                 joined = joined + s if gate is None else torch.lerp(joined, s, gate)
-                x, lanes = (joined, None) if lanes is None else (x, (joined, lanes[1]))
+                if lanes or self.blocks[layer].parallel:  # lane 1 starts as the stream before the skip
+                    lanes = (joined, lanes[1] if lanes else x)
+                else:
+                    x = joined
             ve_i = (ve * self.ve.layer_scales[self.ve_layers.index(layer)].to(ve.dtype) if layer in self.ve_layers
                     else None)
-            out = self.blocks[layer](lanes or x, x0, cos, sin, ve_i, doc, lora and lora.slot(i))
+            out = self.blocks[layer](lanes or x, x0, cos, sin, ve_i, docs, lora and lora.slot(i))
             x, lanes = (out, None) if isinstance(out, torch.Tensor) else (x, out)
             if i < n_enc:
                 skips.append(lanes[0] if lanes else x)
@@ -853,8 +905,8 @@ class GPT(nn.Module):
             bias = lora_delta(h, lora) if bias is None else bias + lora_delta(h, lora)
         return softcap_logits(h, self.head_weight().to(h.dtype), self.softcap, bias)
 
-    def forward(self, ids, targets):
-        z = self.logits(self.forward_hidden(ids)).float()
+    def forward(self, ids, targets, cu=None):
+        z = self.logits(self.forward_hidden(ids, cu=cu)).float()
         return F.cross_entropy(z.reshape(-1, z.size(-1)), targets.reshape(-1))
 
 def build_model(config, device, train=True):
@@ -1081,10 +1133,10 @@ def train(a, ctx, model, train_files, val):
         muon.param_groups[0]["momentum"] = (1 - frac) * a.muon_momentum_warmup_start + frac * a.muon_momentum
         total = torch.zeros((), device=ctx.device)
         for micro in range(a.grad_accum_steps):
-            x, y = loader.next_batch(local_tokens, a.train_seq_len)
+            x, y, cu = loader.next_batch(local_tokens, a.train_seq_len, a.doc_mask)
             no_sync = ctx.world > 1 and micro < a.grad_accum_steps - 1
             with (net.no_sync() if no_sync else contextlib.nullcontext()), ctx.autocast():
-                loss = net(x, y)
+                loss = net(x, y, cu)
             (loss / a.grad_accum_steps).backward()
             total += loss.detach()
         if a.grad_clip_norm > 0:
@@ -2327,7 +2379,7 @@ def run(a, ctx, run_id, code_bytes):
         t = time.perf_counter()
         n_cal = -(-a.gptq_calib_batches // ctx.world)
         if a.gptq_calib == "train":
-            x, _ = loader.next_batch(n_cal * a.train_seq_len, a.train_seq_len)
+            x, _, _ = loader.next_batch(n_cal * a.train_seq_len, a.train_seq_len)
             with exact_fp32():
                 H = collect_hessians(ctx, model, x.split(8))
             cal = time.perf_counter() - t

@@ -74,12 +74,15 @@ def adamw_loop(*args, **kwargs):
     return ADAMW(*args, **{**kwargs, "fused": False, "foreach": False})
 
 
-def next_batch_blocking(self, local_tokens, seq_len):
+NEXT_BATCH = tg.TrainLoader.next_batch
+
+
+def next_batch_blocking(self, local_tokens, seq_len, segments=False):
     """Pageable host memory and a blocking copy: the step waits for every batch's transfer."""
-    span = local_tokens + 1
-    t = torch.from_numpy(self._take(span * self.world)[self.rank * span:(self.rank + 1) * span].astype(np.int64))
-    t = t.to(self.device)
-    return t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)
+    device, self.device = self.device, torch.device("cpu")
+    out = NEXT_BATCH(self, local_tokens, seq_len, segments)
+    self.device = device
+    return tuple(t if t is None else t.to(device) for t in out)
 
 
 def ema_update_loop(self):

@@ -135,5 +135,5 @@ def test_blocking_loader_gives_the_same_batches(tmp_path):
         fast = tg.TrainLoader(files, rank, 2, torch.device("cpu"), 1024)
         slow = tg.TrainLoader(files, rank, 2, torch.device("cpu"), 1024)
         for _ in range(3):
-            for x, y in zip(fast.next_batch(256, 64), bench.next_batch_blocking(slow, 256, 64)):
+            for x, y in zip(fast.next_batch(256, 64)[:2], bench.next_batch_blocking(slow, 256, 64)[:2]):
                 assert torch.equal(x, y)

@@ -125,6 +125,32 @@ def test_parallel_layer_is_the_spec_formula():
     assert fresh.lane_r.tolist() == pytest.approx([1.1, 1.1]) and fresh.lane_p.tolist() == [[1, 1], [1, 1]]
 
 
+def test_first_parallel_layer_takes_the_skip_on_lane_0_only():
+    """SPEC section 10 (Corrections): layer 4, the first parallel one, receives a U-Net skip; lane 0 = x + w skip,
+    lane 1 = x (the stream before the skip); layer 5's skip joins lane 0 too. Written out by hand below."""
+    model = model_of(PARALLEL_START_LAYER=4)
+    ids = ids_of()
+    x = model.smear(tg.rms_norm(model.tok_emb(ids) + model.bigram(ids)), ids)
+    x0, (cos, sin), ve, pushed = x, rope(model, ids.size(1)), model.ve(ids), []
+    for layer in range(4):
+        if layer == 3:
+            x = x + model.skip_weights[0] * pushed[2]
+        x = model.blocks[layer](x, x0, cos, sin, None)
+        pushed.append(x)
+    lane0, lane1 = x + model.skip_weights[1] * pushed[1], x
+    for layer, skip in ((4, None), (5, pushed[0])):
+        blk = model.blocks[layer]
+        if skip is not None:
+            lane0 = lane0 + model.skip_weights[2] * skip
+        v = ve * model.ve.layer_scales[model.ve_layers.index(layer)]
+        mix, s, r, P = blk.resid_mix, blk.in_scale, blk.lane_r, blk.lane_p
+        a = blk.attn_scale * blk.attn(tg.rms_norm(mix[0] * lane0 + mix[1] * x0) * s, cos, sin, v)
+        m = blk.mlp_scale * blk.mlp(tg.rms_norm(lane1) * s)
+        lane0, lane1 = r[0] * lane0 + P[0, 0] * a + P[1, 0] * m, r[1] * lane1 + P[0, 1] * a + P[1, 1] * m
+    ref = tg.rms_norm((lane0 + lane1) / 2)
+    torch.testing.assert_close(model.forward_hidden(ids), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_final_hidden_state_is_the_mean_of_the_lanes(monkeypatch):
     model = model_of(PARALLEL_START_LAYER=4)
     lanes, seen, norm = {}, [], tg.rms_norm
@@ -352,3 +378,91 @@ def test_record_frontier_at_toy_size_lists_what_it_lacks_and_ends_with_a_submiss
         assert f" {kv} " in f" {settings} ", kv
     sub = (tmp_path / "frontier_seed3.submission.json").read_text()
     assert '"metric": "ttt"' in sub
+
+
+# ----------------------------------------------------------------------------- document segments (DOC_MASK=1)
+
+
+def test_loader_cuts_documents_into_segments_counted_from_their_own_start(tmp_path):
+    """DOC_MASK's loader: one row of local_tokens per rank; a segment starts at each BOS, every seq_len tokens from
+    its document's start (a document begun in an earlier batch keeps counting) and at the row's start; cu ends at
+    the row's length, padded with repeats to 64. Checked against a walk over the stream by hand, both ranks."""
+    rng = np.random.default_rng(4)
+    docs = [np.concatenate([[tg.BOS_ID], rng.integers(2, 1000, n - 1)]) for n in rng.integers(1, 30, 60)]
+    stream = np.concatenate(docs)
+    header = np.zeros(tg.HEADER_INTS, dtype="<i4")
+    header[:3] = [tg.SHARD_MAGIC, tg.SHARD_VERSION, len(stream)]
+    (tmp_path / "fineweb_train_000000.bin").write_bytes(header.tobytes() + stream.astype("<u2").tobytes())
+    files, span, seq = tg.find_shards(tmp_path, "train"), 41, 8
+    for rank in (0, 1):
+        loader = tg.TrainLoader(files, rank, 2, CPU, 1024)
+        for step in range(4):
+            x, y, cu = loader.next_batch(span - 1, seq, segments=True)
+            base = step * 2 * span + rank * span
+            assert x.shape == (1, span - 1) and torch.equal(x[0], torch.from_numpy(stream[base:base + span - 1]))
+            starts = []
+            for i in range(span - 1):
+                at = base + i
+                doc_start = max(j for j in range(at + 1) if stream[j] == tg.BOS_ID)
+                if i == 0 or (at - doc_start) % seq == 0:
+                    starts.append(i)
+            assert cu.tolist() == starts + [span - 1] * (64 - len(starts)), (rank, step)
+            for a, b in zip(starts, starts[1:] + [span - 1]):
+                seg = stream[base + a:base + b]
+                assert b - a <= seq and (seg[1:] != tg.BOS_ID).all()
+
+
+def dense_reference(q, k, v, seg):
+    """Attention with the full [N, N] mask: same segment and causal (the test's reference only)."""
+    mask = (seg[:, None] == seg[None, :]) & torch.ones(len(seg), len(seg), dtype=torch.bool).tril()
+    rep = q.size(2) // k.size(2)
+    s = torch.einsum("nhd,mhd->hnm", q[0], k[0].repeat_interleave(rep, 1)) / q.size(-1) ** 0.5
+    p = s.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.einsum("hnm,mhd->nhd", p, v[0].repeat_interleave(rep, 1))[None]
+
+
+def test_segment_attention_equals_the_dense_mask_and_the_model_runs_each_document_alone():
+    """The banded SDPA path equals a dense-mask attention; the whole model on a packed row (cu) gives each
+    BOS-started segment the very hidden states it has run alone, and a segment cut inside a document sees none of
+    the part before the cut (its attention restarts, RoPE counts from the cut)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(1, 45, 4, 16, generator=g), torch.randn(1, 45, 2, 16, generator=g), torch.randn(1, 45, 2, 16, generator=g)
+    cu = torch.tensor(tg.padded_cu(np.array([0, 7, 8, 20, 30, 41]), 45))
+    docs = tg.doc_segments(torch.zeros(1, 45, dtype=torch.long), cu, 11)
+    assert docs[1].tolist() == [1] * 7 + [2] + [3] * 12 + [4] * 10 + [5] * 11 + [6] * 4
+    assert docs[2].tolist()[:9] == [0, 1, 2, 3, 4, 5, 6, 0, 0]
+    torch.testing.assert_close(tg.causal_attention(q, k, v, docs), dense_reference(q, k, v, docs[1]),
+                               rtol=1e-5, atol=1e-6)
+    model = model_of(DOC_MASK=1, SMEAR_MODE="input", PARALLEL_START_LAYER=4, ATTN_OUT_GATE=1)
+    ids = ids_of(B=1, T=150, bos=[(0, 0), (0, 40), (0, 41), (0, 100)])
+    cu = torch.tensor(tg.padded_cu(np.array([0, 40, 41, 100]), 150))
+    h = model.forward_hidden(ids, cu=cu)
+    for a, b in [(0, 40), (40, 41), (41, 100), (100, 150)]:
+        alone = model.forward_hidden(ids[:, a:b], doc_mask=False)
+        torch.testing.assert_close(h[:, a:b], alone, rtol=1e-4, atol=1e-5)
+    cut = torch.tensor(tg.padded_cu(np.array([0, 40, 41, 100, 120]), 150))
+    changed = ids.clone()
+    changed[0, 101:118] = 7  # BigramHash and SmearGate at 120 read 118..119 (the record's flat stream): kept
+    a, b = model.forward_hidden(ids, cu=cut), model.forward_hidden(changed, cu=cut)
+    assert (a[0, 120:] - b[0, 120:]).abs().max() == 0 and (a[0, 101:120] - b[0, 101:120]).abs().max() > 1e-3
+    uncut = model.forward_hidden(ids, cu=cu) - model.forward_hidden(changed, cu=cu)
+    assert uncut[0, 120:].abs().max() > 1e-3
+
+
+def test_segments_compile_to_one_graph_for_any_document_count():
+    """Inductor on the CPU, fullgraph: batches with 3, 9 and 17 segments (one cu bucket) reuse one graph, and the
+    compiled model equals the eager one."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    model = model_of(DOC_MASK=1, SMEAR_MODE="input", NUM_LAYERS=2, XSA_LAST_N=2, VE_LAYERS=1)
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    compiled = torch.compile(model, dynamic=False, fullgraph=True)
+    rng = np.random.default_rng(6)
+    for n_docs in (3, 9, 17):
+        starts = np.sort(np.concatenate([[0], rng.choice(np.arange(1, 128), n_docs - 1, replace=False)]))
+        ids = ids_of(B=1, T=128, seed=n_docs, bos=[(0, int(s)) for s in starts])
+        cu = torch.tensor(tg.padded_cu(starts, 128))
+        y = torch.randint(2, 1024, (1, 128))
+        torch.testing.assert_close(compiled(ids, y, cu), model(ids, y, cu), rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] - graphs == 1 and sum(counters["graph_break"].values()) == breaks
+    torch._dynamo.reset()

@@ -348,7 +348,7 @@ def test_global_sgd_is_a_fresh_cosine_sgd_over_document_masked_sequences():
 
 
 def test_document_masked_attention_equals_attention_per_document():
-    """causal_attention with document ids: each document's output equals plain causal attention over that
+    """causal_attention with document segments: each document's output equals plain causal attention over that
     document alone (GQA, a row that starts mid-document, empty-free random documents); without ids it mixes."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 40, h, 8, generator=gen) for h in (4, 2, 2))
@@ -356,7 +356,7 @@ def test_document_masked_attention_equals_attention_per_document():
     ids[0, [0, 9, 10, 31]] = tg.BOS_ID
     ids[1, [17, 30]] = tg.BOS_ID  # row 1 starts inside a document
     doc = torch.cumsum(ids == tg.BOS_ID, 1)
-    out = tg.causal_attention(q, k, v, doc)
+    out = tg.causal_attention(q, k, v, tg.doc_segments(ids, None, 40))
     for b in range(2):
         for d in doc[b].unique():
             m = doc[b] == d
