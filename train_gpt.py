@@ -1663,14 +1663,27 @@ def _rans_unpack(blob, entries):
     return rans_decode(blob[8:8 + n], int_lens(entries)).tobytes() + _unlzma(blob[8 + n:], raw_len(entries))
 
 ZPAQ_THREADS = 8  # blocks coded side by side: fixed, so that the bytes do not depend on the machine
-UNZPAQ = ("import resource, sys; n = int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_AS, (2**31 + 8 * n,) * 2); "
-          f"import zpaq; sys.stdout.buffer.write(zpaq.decompress(sys.stdin.buffer.read(), threads={ZPAQ_THREADS})"
-          "[:n + 1])")
+ZPAQ_TAG = bytes.fromhex("376b5374a03183d38cb228b0d3")  # the locator tag that starts every block the coder writes
+UNZPAQ = f"""import re, resource, sys
+n, blob, out = int(sys.argv[1]), sys.stdin.buffer.read(), []
+resource.setrlimit(resource.RLIMIT_AS, (2**31 + 8 * n,) * 2)
+import zpaq
+from concurrent.futures import ThreadPoolExecutor
+cuts = sorted({{0, len(blob)}} | {{m.start() for m in re.finditer(re.escape({ZPAQ_TAG!r}), blob)}})
+blocks = [blob[a:b] for a, b in zip(cuts, cuts[1:])]
+with ThreadPoolExecutor({ZPAQ_THREADS}) as pool:
+    for i in range(0, len(blocks), {ZPAQ_THREADS}):
+        out += pool.map(lambda b: zpaq.decompress(b, threads=1), blocks[i:i + {ZPAQ_THREADS}])
+        if sum(map(len, out)) > n:
+            break
+sys.stdout.buffer.write(b"".join(out)[:n + 1])"""
 
 def _unzpaq(blob, n):
     """ZPAQ decodes by running the model program that its stream carries, to an output of any length: a child
     process does it, its memory and time capped by the declared size n (level 5 needs ~1.2 GB, ~0.2 MB/s per
-    thread), so that a crafted stream costs no more than a genuine file of that size."""
+    thread), so that a crafted stream costs no more than a genuine file of that size. The stream's blocks (each
+    starts with ZPAQ's locator tag) decode ZPAQ_THREADS at a time, and decoding stops at the first wave whose output
+    passes n: a stream of many blocks never expands past n + one wave."""
     try:
         r = subprocess.run([sys.executable, "-c", UNZPAQ, str(n)], input=blob, capture_output=True,
                            timeout=60 + n / 1e5)

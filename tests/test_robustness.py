@@ -495,6 +495,20 @@ def test_artifact_class(report, case):
     check_case(report, case, report["expected"][case])
 
 
+def test_zpaq_decoding_stops_one_wave_past_the_declared_size():
+    """The ZPAQ child decodes blocks ZPAQ_THREADS at a time and stops at the first wave whose output passes the
+    declared size: the blocks after it are never decoded (here they are garbage, which decoding would reject), so
+    a stream of any number of blocks expands at most one wave past the bound."""
+    zpaq = pytest.importorskip("zpaq")
+    wave = b"".join(zpaq.compress(bytes(1 << 17), level=1, threads=1) for _ in range(tg.ZPAQ_THREADS))
+    assert wave.count(tg.ZPAQ_TAG) == tg.ZPAQ_THREADS and wave.startswith(tg.ZPAQ_TAG)
+    garbage = tg.ZPAQ_TAG + b"zPQ\x01\x01" + random.Random(5).randbytes(4000)  # a block header, then noise
+    assert tg._unzpaq(wave + garbage * 1000, 1000) == bytes(1001)  # n + 1 bytes, as every decoder returns
+    assert tg._unzpaq(wave, 2 << 20) == bytes(tg.ZPAQ_THREADS << 17)  # the whole stream when it is within n
+    with pytest.raises(ValueError, match="zpaq stream rejected"):
+        tg._unzpaq(wave + garbage, 2 << 20)  # past the first wave: the garbage is read and rejected
+
+
 def test_crafted_artifact_fuzz(report):
     """330 fuzzed files: each a clean ArtifactError or, where the edit is harmless, exactly the genuine tensors
     (a config edited into another valid one, say LOGIT_SOFTCAP true = 1.0, is a valid artifact of that model)."""
