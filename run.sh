@@ -18,7 +18,7 @@ gpus() {  # torch's GPU count; refuses a GPU box whose GPUs torch cannot see, ra
   if [ "$n" -eq 0 ] && [ "$listed" -gt 0 ]; then
     echo "error: nvidia-smi lists $listed GPU(s) but torch $(python -c 'import torch; print(torch.__version__)') sees" \
       "none (a CPU-only wheel, or a driver too old for the wheel's CUDA); fix: install a CUDA build of torch that the" \
-      "driver supports (README: Installing on a GPU box), then check python -c 'import torch; print(torch.cuda.is_available())'" >&2
+      "driver supports (docs/gpu-box.md), then check python -c 'import torch; print(torch.cuda.is_available())'" >&2
     return 2
   fi
   echo "$n"
@@ -138,13 +138,13 @@ case "$cmd" in
     seed=${1:-${SEED:-1337}}
     record_run "$seed" "${RUN_ID:-frontier_seed$seed}"
     ;;
-  rehearse)  # the record configuration on the GPUs present, capped to end within 10 minutes on one H100 (README)
+  rehearse)  # the record configuration on the GPUs present, capped to end within 10 minutes on one H100 (docs/rehearsal.md)
     if [ -z "${DATA_PATH:-}" ] && [ ! -f data/datasets/fineweb10B_sp1024/fineweb_val_000000.bin ]; then
       python data/build_corpus.py --site-packages  # offline: every installed package's docstrings and prose
       DATA_PATH=./data/datasets/sitepkg_sp1024 TOKENIZER_PATH=./data/tokenizers/sitepkg_1024_bpe.model
     fi
     n=$(gpus)
-    # 210 s of training, 1M val tokens: the README's budget. GPTQ self-generates 8 sequences per GPU, as on 8 GPUs.
+    # 210 s of training, 1M val tokens: the budget of docs/rehearsal.md. GPTQ self-generates 8 sequences per GPU, as on 8 GPUs.
     : "${MAX_WALLCLOCK_SECONDS:=210}" "${WARMDOWN_FRAC:=0.67}" "${VAL_TOKENS:=1000000}" "${TRAIN_LOG_EVERY:=25}"
     : "${GPTQ_CALIB_BATCHES:=$((8 * (n > 0 ? n : 1)))}"
     export DATA_PATH TOKENIZER_PATH MAX_WALLCLOCK_SECONDS WARMDOWN_FRAC VAL_TOKENS TRAIN_LOG_EVERY GPTQ_CALIB_BATCHES
@@ -160,7 +160,7 @@ case "$cmd" in
     if ! env | grep -q '^SWEEP_'; then export SWEEP_SLOT_STEPS=8,16,24 SWEEP_SLOT_LR=0.008,0.012; fi
     EVAL_ONLY=1 ARTIFACT=$1 SLIDING_ENABLED=${SLIDING_ENABLED:-0} launch
     ;;
-  package)  # records/NAME/ for a record PR from finished runs' files under LOG_DIR (README: Packaging a record)
+  package)  # records/NAME/ for a record PR from finished runs' files under LOG_DIR (docs/packaging.md)
     [ $# -ge 2 ] || { echo "error: usage: run.sh package NAME RUN_ID...; fix: name the record folder and its runs" \
       >&2; exit 2; }
     python tools/package.py "$@"

@@ -5,7 +5,7 @@ the rule's bytes (train_gpt.py) against the val byte sidecar's on that text.
 
     python bench/data_prep.py [--out DIR] [--shards N] [--chars C] [--vocabs 1024,4096,8192] [--workers W]
 
-Prints a table per part; README's "Data for every tokenizer" quotes logs/data_prep_cpu.txt.
+Prints a table per part; docs/data.md quotes logs/data_prep_cpu.txt.
 """
 
 import argparse
