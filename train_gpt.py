@@ -950,7 +950,7 @@ def newton_schulz(g, steps, kind="quintic"):
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, then Newton-Schulz. Matrices of one shape form a bank orthogonalised as one batch;
-    each rank takes its share of every bank and a single all-reduce hands the updates to all ranks."""
+    each rank takes its share of every bank and one all-gather of the shares hands the updates to all ranks."""
 
     def __init__(self, params, lr, momentum, backend_steps, weight_decay, rank=0, world=1, ns="quintic",
                  row_norm=False):
@@ -964,24 +964,28 @@ class Muon(torch.optim.Optimizer):
             banks = {}
             for p in group["params"]:
                 banks.setdefault(tuple(p.shape), []).append(p)
-            updates = []
+            shares = []
             for ps in banks.values():
-                share = -(-len(ps) // self.world)
-                lo = self.rank * share
-                mine = ps[lo:lo + share]
-                dtype = torch.bfloat16 if ps[0].is_cuda else torch.float32  # gloo has no bf16 sum
-                u = torch.zeros((len(ps),) + ps[0].shape, dtype=dtype, device=ps[0].device)
+                share = -(-len(ps) // self.world)  # a bank padded to share * world matrices
+                mine = ps[self.rank * share:(self.rank + 1) * share]
+                u = torch.zeros((share,) + ps[0].shape, dtype=torch.bfloat16 if ps[0].is_cuda else torch.float32,
+                                device=ps[0].device)
                 if mine:
                     g = torch.stack([self._nesterov(p, group["momentum"]) for p in mine])
                     if self.row_norm:  # MuonEq-R: every row of the update at unit norm before Newton-Schulz
                         g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7)
                     rows, cols = g.shape[-2:]
-                    u[lo:lo + len(mine)] = newton_schulz(g, group["backend_steps"], self.ns) * max(1.0, rows / cols) ** 0.5
-                updates.append(u)
+                    u[:len(mine)] = newton_schulz(g, group["backend_steps"], self.ns) * max(1.0, rows / cols) ** 0.5
+                shares.append(u)
+            flat = torch.cat([u.view(-1) for u in shares])
             if self.world > 1:
-                flat = torch.cat([u.view(-1) for u in updates])
-                dist.all_reduce(flat)
-                updates = [f.view_as(u) for f, u in zip(flat.split([u.numel() for u in updates]), updates)]
+                full = flat.new_empty(self.world * flat.numel())
+                dist.all_gather_into_tensor(full, flat)
+                flat = full
+            per_rank, updates, at = flat.view(self.world, -1), [], 0
+            for ps, u in zip(banks.values(), shares):  # rank r's share holds matrices r*share ... of the bank
+                updates.append(per_rank[:, at:at + u.numel()].reshape((-1,) + u.shape[1:])[:len(ps)])
+                at += u.numel()
             lr, wd = group["lr"], group["weight_decay"]
             for ps, u in zip(banks.values(), updates):
                 for p, upd in zip(ps, u):

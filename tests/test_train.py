@@ -260,6 +260,44 @@ def test_newton_schulz_is_scale_invariant():
                                atol=0.02, rtol=0.02)
 
 
+def _muon_rank(rank, world, port, out):
+    """One rank of the gloo Muon check: the same parameters and gradients on every rank, two steps."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.save([p.detach() for p in _muon_steps(rank, world)], f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _muon_steps(rank, world):
+    torch.manual_seed(0)  # banks of 3 (padded to 4 on 2 ranks), 1 (rank 1's share empty) and 2 matrices
+    shapes = [(24, 16)] * 3 + [(16, 40)] + [(8, 8)] * 2
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = tg.Muon(params, lr=0.05, momentum=0.9, backend_steps=5, weight_decay=0.1, rank=rank, world=world,
+                  row_norm=True)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    return params
+
+
+def test_muon_all_gather_on_two_gloo_ranks_equals_one_process(tmp_path):
+    """Each rank orthogonalises its share of every bank and one all-gather hands the shares round: both ranks end
+    with exactly the 1-process parameters, for banks that do not split evenly and a rank with no share."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_muon_rank, args=(2, port, str(tmp_path / "p")), nprocs=2, start_method="spawn")
+    one = _muon_steps(0, 1)
+    for rank in range(2):
+        for a, b in zip(torch.load(tmp_path / f"p.{rank}"), one):
+            assert torch.equal(a, b.detach())
+
+
 def test_muon_step_matches_manual():
     torch.manual_seed(0)
     lr, m, wd = 0.05, 0.9, 0.5
