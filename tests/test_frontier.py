@@ -364,6 +364,7 @@ def test_record_frontier_env_holds_valid_settings_of_the_record(repo):
     assert (a.num_loops, a.loop_start, a.loop_end, a.parallel_start_layer, a.muon_ns, a.min_lr) == (2, 3, 5, 8,
                                                                                                     "polar", 0.1)
     assert tg.slot_layers(a.arch(), True) == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert set(a.codecs) == set(tg.CODEC_NAMES) - {"zpaq-5"}  # zpaq's decode seconds cost more eval than it saves
 
 
 def test_record_frontier_at_toy_size_lists_what_it_lacks_and_ends_with_a_submission(repo, toy_env, tmp_path):
