@@ -87,7 +87,8 @@ def main():
         return one(args.one, args)
     import torch
     print(f"compile_block: MEASURED on this machine ({os.cpu_count()} CPU cores, {args.threads} threads), torch "
-          f"{torch.__version__}, inductor (CPU), fp32; record-frontier architecture at d{args.dim} ({args.heads} heads, "
+          f"{torch.__version__}, inductor (CPU), fp32; record-frontier architecture at d{args.dim} ({args.heads} "
+          f"heads, "
           f"{args.kv} KV), vocabulary 8,192, batch {args.batch} x {args.seq} tokens, loops on; one training step = "
           f"forward + backward; {args.warmup} warm-up steps, median of {args.steps} timed")
     rows = []

@@ -890,7 +890,8 @@ def main():
     dev = sum(v for k, v in parts["compiled"].items() if k not in ("compile warm-up", "load and decode"))
     (w0, w1), d55 = R1855["warmup"], R1855["decompress"]
     print("anchor: #1855's TTT (its settings, CaseOps lengths ASSUMED, 8 GPUs) under the same model of work, "
-          f"compiled: {mod55:.1f}s modelled; #1855 measured {R1855['ttt'][0]:.0f}-{R1855['ttt'][1]:.0f}s on its own timer "
+          f"compiled: {mod55:.1f}s modelled; #1855 measured {R1855['ttt'][0]:.0f}-{R1855['ttt'][1]:.0f}s on its own "
+          "timer "
           f"(which left out a {w0:.0f}-{w1:.0f}s warm-up and a ~{d55:.0f}s decompression); measured / modelled = "
           f"{ratio[0]:.2f}-{ratio[1]:.2f}")
     trig = "would trigger" if lo > tg.EVAL_BUDGET_SECONDS else "may trigger" if hi > tg.EVAL_BUDGET_SECONDS else \

@@ -67,7 +67,8 @@ def test_val_shard_gives_its_documents_and_the_projection(tmp_path, monkeypatch,
     anchor = next(x for x in out.splitlines() if x.startswith("anchor: "))
     modelled = float(anchor.split("compiled: ")[1].split("s modelled")[0])
     r0, r1 = map(float, anchor.split("measured / modelled = ")[1].split("-"))
-    assert "measured 455-509s on its own timer" in anchor and "84-138s warm-up" in anchor and "~24s decompression" in anchor
+    assert "measured 455-509s on its own timer" in anchor and "84-138s warm-up" in anchor
+    assert "~24s decompression" in anchor
     tol = 0.06 / modelled + 0.006  # the printed roundings: modelled to 0.1 s, the ratios to 0.01
     assert r0 == pytest.approx(455 / modelled, rel=tol) and r1 == pytest.approx(509 / modelled, rel=tol)
     eval_line = next(x for x in out.splitlines() if x.startswith("eval_anchored_8xh100: "))
