@@ -1069,7 +1069,7 @@ class Ctx:
         self.rank, self.world, self.local_rank, self.device = rank, world, local_rank, device
         # bf16 autocast and torch.compile on CUDA (COMPILE=1); tests turn them on for the CPU
         self.main, self.bf16, self.compile = rank == 0, device.type == "cuda", device.type == "cuda"
-        self.log_file, self.graphs = None, 0  # log: opened by open_run() on rank 0
+        self.log_file, self.graphs, self.warned = None, 0, {}  # log: opened by open_run() on rank 0
         self.bytes_ratio = None  # rule bytes / val byte-sidecar bytes, set by run() when the data has sidecars
 
     def log(self, msg):
@@ -1092,10 +1092,18 @@ class Ctx:
 
     def compiles(self, phase):
         """Logs the graphs torch.compile built since the last call (dynamo's counters): a recompile storm shows."""
-        from torch._dynamo.utils import counters
+        from torch._dynamo.utils import counters, guard_failures
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
         n = counters["stats"]["unique_graphs"]
         self.log(f"compile: {phase} graphs:{n - self.graphs} total:{n}")
         self.graphs = n
+        for code, (name, need) in COMPILED.items():  # one line per function past its variants, once per new graph
+            k, limit = len(_debug_get_cache_entry_list(code)), torch._dynamo.config.recompile_limit
+            if k > max(need, self.warned.get(code, 0)):
+                self.warned[code], why = k, (guard_failures.get(code) or ["unknown"])[-1]
+                self.log(f"warning: compile: {name} holds {k} graphs, more than the {need} its variants need; last "
+                         f"recompile: {esc(why)}" + (f"; at the recompile limit {limit}: other shapes run eager"
+                                                     if k >= limit else ""))
 
     def mark(self):
         """A point in the device's work, for seconds() without waiting on it now: a CUDA event, else the clock."""
@@ -1112,6 +1120,16 @@ class Ctx:
         self.sync()
         return sum(a.elapsed_time(b) for a, b in spans) / 1000
 
+COMPILED = {}  # code object -> (name, the graphs its declared variants need): Ctx.compiles warns past them
+
+def compile_fn(fn, name, variants, **kw):
+    """torch.compile(fn, **kw) declared to need `variants` graphs (more, for a function compiled again): the
+    recompile limit stays above them, so a recompile past them is logged by Ctx.compiles before one runs eager."""
+    code = (fn.forward if isinstance(fn, nn.Module) else fn).__code__
+    COMPILED[code] = (name, COMPILED.get(code, (name, 0))[1] + variants)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * COMPILED[code][1])
+    return torch.compile(fn, **kw)
+
 def train(a, ctx, model, train_files, val):
     """Runs the training loop; returns (steps, train_ms, loader). Leaves the final weights (SWA, EMA or raw) in
     model; the loader is positioned after the last training batch, for GPTQ_CALIB=train."""
@@ -1119,7 +1137,10 @@ def train(a, ctx, model, train_files, val):
     LOOPING = False  # the loop (NUM_LOOPS) switches on at ENABLE_LOOPING_AT
     loader = TrainLoader(train_files, ctx.rank, ctx.world, ctx.device, a.vocab_size)
     # flash-attn kernels may not trace whole, so fullgraph is demanded only of the SDPA path
-    compiled = torch.compile(model, dynamic=False, fullgraph=ATTN_FN is None) if ctx.compile and a.compile else model
+    variants = [(q, lp) for lp in [False, True][:1 + (a.num_loops > 0)]  # the warm-up compiles each (QAT, LOOPING)
+                for q in [False, True][:1 + (a.late_qat_threshold > 0)]]
+    compiled = compile_fn(model, "GPT.forward (training)", len(variants), dynamic=False, fullgraph=ATTN_FN is None) \
+        if ctx.compile and a.compile else model
     net = compiled
     if ctx.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -1155,8 +1176,6 @@ def train(a, ctx, model, train_files, val):
         saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
         saved_opt = [copy.deepcopy(opt.state_dict()) for opt in (adam, muon)]
         # the last steps compile every variant the run can switch to (loop on, late QAT on, both): no compile later
-        variants = [(q, lp) for lp in [False, True][:1 + (a.num_loops > 0)]
-                    for q in [False, True][:1 + (a.late_qat_threshold > 0)]]
         for i in range(a.warmup_steps):
             QAT, LOOPING = variants[max(0, i + len(variants) - a.warmup_steps)]
             step_fn(0, 1.0)
@@ -2186,7 +2205,7 @@ def ttt_evaluate(ctx, model, val, p, on_scored=None, label="TTT eval", compiled=
     work = ttt_window_tokens(docs[:, 1], p["chunk"], p["seq_len"])
     total, done, n_batches = int(work[np.concatenate(parts)].sum()), 0, 0
     lora = TTTAdapters(model, p, p["batch"], ctx.device)
-    nll_fn = torch.compile(ttt_nll) if compiled else ttt_nll
+    nll_fn = compile_fn(ttt_nll, "ttt_nll", 1) if compiled else ttt_nll  # dynamic dims: one graph for all batches
     model.requires_grad_(False)
     try:
         for k, mine in enumerate(parts):
@@ -2370,7 +2389,8 @@ def model_from(config, state, ctx, compile_eval):
         raise ConfigError(f"artifact tensors do not match its model config ({str(e).splitlines()[0]})") from None
     model.requires_grad_(False)
     if compile_eval and ctx.compile:
-        model.eval_hidden = torch.compile(model.forward_hidden, dynamic=False)
+        # one graph per batch size: EVAL_BATCH and SLOT_BATCH
+        model.eval_hidden = compile_fn(model.forward_hidden, "GPT.forward_hidden (eval)", 2, dynamic=False)
     return model
 
 def run(a, ctx, run_id, code_bytes):

@@ -316,6 +316,41 @@ def test_loop_and_qat_switches_compile_nothing_after_the_warm_up(toy_env, monkey
     assert any(l.startswith("looping: layers 1..1 run 2 more times from step 4") for l in lines), lines
     assert any(l.startswith("late_qat:") for l in lines), lines
     assert counters["stats"]["unique_graphs"] == 4
+    assert not [l for l in lines if l.startswith("warning: compile:")], lines  # 4 graphs: the 4 variants declared
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    assert len(_debug_get_cache_entry_list(tg.GPT.forward.__code__)) == 4  # where Ctx.compiles counts them
+    torch._dynamo.reset()
+
+
+def test_a_recompile_past_the_declared_variants_warns_once_naming_function_and_shape(monkeypatch):
+    """compile_fn declares the graphs a function needs; Ctx.compiles logs one warning line for a function holding more
+    (its name, the guard that failed: the shape), and says when the recompile limit sends other shapes to eager."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
+    monkeypatch.setattr(tg, "COMPILED", {})
+
+    def toy_double(x):
+        return x * 2
+
+    f = tg.compile_fn(toy_double, "toy_double", 2, backend="eager", dynamic=False)
+    assert torch._dynamo.config.recompile_limit == 4  # raised to twice the declared variants
+    ctx, lines = tg.Ctx(0, 1, 0, CPU), []
+    ctx.log = lines.append
+    for n in (3, 4):
+        f(torch.ones(n))
+    ctx.compiles("first")
+    assert [l for l in lines if l.startswith("warning")] == []  # 2 graphs: as declared
+    f(torch.ones(5))
+    ctx.compiles("second")
+    ctx.compiles("third")  # nothing new: no second warning
+    warn = [l for l in lines if l.startswith("warning")]
+    assert warn == ["warning: compile: toy_double holds 3 graphs, more than the 2 its variants need; last recompile: "
+                    "0/0: tensor 'x' size mismatch at index 0. expected 3, actual 5"], lines
+    for n in (6, 7):
+        assert torch.equal(f(torch.ones(n)), torch.full((n,), 2.0))  # past the limit: eager, still right
+    ctx.compiles("fourth")
+    assert lines[-1].startswith("warning: compile: toy_double holds 4 graphs") and lines[-1].endswith(
+        "; at the recompile limit 4: other shapes run eager"), lines
     torch._dynamo.reset()
 
 
@@ -355,6 +390,7 @@ def test_record_frontier_env_holds_valid_settings_of_the_record(repo):
     assert (a.num_loops, a.loop_start, a.loop_end, a.parallel_start_layer, a.muon_ns, a.min_lr) == (2, 3, 5, 8,
                                                                                                     "polar", 0.1)
     assert tg.slot_layers(a.arch(), True) == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert set(a.codecs) == set(tg.CODEC_NAMES) - {"zpaq-5"}  # zpaq's decode seconds cost more eval than it saves
 
 
 def test_record_frontier_at_toy_size_lists_what_it_lacks_and_ends_with_a_submission(repo, toy_env, tmp_path):

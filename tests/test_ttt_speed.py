@@ -40,7 +40,8 @@ def run_bench(monkeypatch, capsys, *args, env=()):
     """bench/ttt_speed.py's main() in this process (the meta device warm): (exit status, stdout, stderr)."""
     for k, v in {**SMALL, **dict(env)}.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr(sys, "argv", ["ttt_speed.py", *args])
+    monkeypatch.setattr(ts, "settings_1855", lambda: tg.Settings(SMALL))  # the anchor's model, small here
+    monkeypatch.setattr(sys, "argv", ["ttt_speed.py", "--settings", "seeds", *args])
     try:
         ts.main()
         status = 0
@@ -62,6 +63,21 @@ def test_val_shard_gives_its_documents_and_the_projection(tmp_path, monkeypatch,
     assert "ASSUMED (no --val-shard)" not in out and "sensitivity" not in out
     proj = [x for x in out.splitlines() if x.startswith(("ttt_projected_8xh100: ", "eval_projected_8xh100: "))]
     assert len(proj) == 2 and "compiled" in proj[0] and "600 s budget" in proj[1]
+    assert proj[1].endswith("a FLOOR (every kernel at peak), not a forecast")
+    anchor = next(x for x in out.splitlines() if x.startswith("anchor: "))
+    modelled = float(anchor.split("compiled: ")[1].split("s modelled")[0])
+    r0, r1 = map(float, anchor.split("measured / modelled = ")[1].split("-"))
+    assert "measured 455-509s on its own timer" in anchor and "84-138s warm-up" in anchor
+    assert "~24s decompression" in anchor
+    tol = 0.06 / modelled + 0.006  # the printed roundings: modelled to 0.1 s, the ratios to 0.01
+    assert r0 == pytest.approx(455 / modelled, rel=tol) and r1 == pytest.approx(509 / modelled, rel=tol)
+    eval_line = next(x for x in out.splitlines() if x.startswith("eval_anchored_8xh100: "))
+    lo, hi = map(float, eval_line.split("s ANCHORED")[0].split(": ")[1].split("-"))
+    device = float(eval_line.split("modelled device seconds ")[1].split("s x")[0])
+    tol = r1 * 0.06 + 1  # device printed to 0.1 s, the eval to 1 s
+    assert lo == pytest.approx(r0 * device + 84 + 24, abs=tol) and hi == pytest.approx(r1 * device + 138 + 24, abs=tol)
+    verdict = "would trigger" if lo > 600 else "may trigger" if hi > 600 else "would not trigger"
+    assert f"a 600 s deadline {verdict} (at the floor" in eval_line
     # VAL_TOKENS cuts the shard: the first two documents and 10 targets of the third
     a = tg.Settings({**SMALL, "VAL_TOKENS": str(37 + 5 + 11)})
     lens_cut, what = ts.doc_lengths(a, str(path))
@@ -73,6 +89,8 @@ def test_without_a_shard_the_lengths_are_assumed_and_a_bad_shard_is_one_error_li
     assert what.startswith("ASSUMED") and len(lens) == ts.VAL_DOCS and abs(lens.sum() - 62_021_632) < 1000
     lens, _ = ts.doc_lengths(tg.Settings({**SMALL, "VOCAB_SIZE": "8192"}), "")
     assert abs(lens.sum() - 40_540_160) < 1000
+    lens, what = ts.doc_lengths(tg.Settings({**SMALL, "VOCAB_SIZE": "8192"}), "", split="caseops")
+    assert abs(lens.sum() - 47_851_520) < 1000 and "caseops val split's 47,851,520 tokens" in what
     status, out, err = run_bench(monkeypatch, capsys, "--val-shard", str(tmp_path / "missing.bin"), "--no-measure")
     assert status == 2 and err.startswith("error: ") and "missing.bin" in err and not out
     assert len(err.strip().splitlines()) == 1
@@ -185,3 +203,18 @@ def test_roofline_and_fusion_on_a_hand_example():
     assert ts.trace_seconds(tr, compiled=True)["fwd0"] == pytest.approx((compiled, compiled - 10e-6, 2), rel=1e-9)
     assert ts.trace_seconds(tr, compiled=True)["fwd0"][0] < ts.trace_seconds(tr, compiled=False)["fwd0"][0] / 2
     assert ts.trace_seconds(tr, compiled=True, split=3.0)["fwd0"][2] == 3 + 1  # the fused kernel, split in three
+
+
+def test_the_default_settings_are_record_frontier_and_the_anchor_is_measured_over_modelled():
+    """record_frontier.env with vocabulary 8,192 is the default (an environment variable wins); the anchored eval by
+    hand: device seconds (the parts but the two allowances) x #1855's 455 / modelled and 509 / modelled, plus its
+    measured 84 / 138 s warm-up and 24 s decompression."""
+    env = ts.frontier_env({"TTT_LORA_RANK": "8"})
+    assert env["VOCAB_SIZE"] == "8192" and env["MLP_MULT"] == "4" and env["NUM_LOOPS"] == "2"
+    assert env["TTT_LORA_RANK"] == "8" and "TTT_LORA_RANK" not in ts.frontier_env()
+    assert ts.SPLITS == {"sp1024": 62_021_632, "sp8192": 40_540_160, "caseops": 47_851_520}
+    parts = {"round trip": 10.0, "TTT per-document LoRA": 100.0, "TTT global SGD": 5.0, "compile warm-up": 138.0,
+             "load and decode": 15.0}
+    ratio, (lo, hi) = ts.anchored(parts, 200.0)
+    assert ratio == pytest.approx((2.275, 2.545))
+    assert (lo, hi) == pytest.approx((2.275 * 115 + 84 + 24, 2.545 * 115 + 138 + 24))
