@@ -284,6 +284,40 @@ def test_adapter_step_is_torch_adamw_on_the_training_prefix():
     assert lora.vA[3:].abs().max() == 0
 
 
+def test_phases_train_on_the_documents_scored_so_far(sharp_model, monkeypatch):
+    """SPEC section 10, corrections: documents run longest first over the whole val (LENS: docs 6, 2, 5, 9, 0, 7,
+    3, 8, 1, 4); boundaries floor(k * 5 / 3) = 1, 3, 5 (rounding would give 2); each global phase trains on the
+    documents scored so far in the order scored, then the warm A is drawn afresh."""
+    events, real_fresh = [], tg.TTTAdapters.fresh
+    monkeypatch.setattr(tg, "global_sgd", lambda ctx, model, val, docs, p: events.append(docs.tolist()))
+    monkeypatch.setattr(tg.TTTAdapters, "fresh", lambda self: (events.append("fresh"), real_fresh(self)))
+    tokens = np.concatenate(make_docs(LENS))
+    tg.ttt_evaluate(CTX, sharp_model, (tokens, np.ones(len(tokens) - 1)), dict(P, phases=3, prefix_docs=5))
+    d = tg.documents(tokens).tolist()
+    assert events == ["fresh", [d[6]], "fresh", [d[6], d[2], d[5]], "fresh", [d[6], d[2], d[5], d[9], d[0]], "fresh"]
+
+
+def test_warm_a_is_carried_by_the_records_batch_slots(monkeypatch):
+    """The record orders a batch shortest first (stable) and a slot's trained A goes to the document in the same
+    slot of the next batch. Lengths 5, 9, 5, 2 run as rows 9, 5, 5, 2 (docs 1, 0, 2, 3), whose record slots are
+    3, 1, 2, 0; a following batch of 2 takes slots 0 and 1, so rows 3 and 1 of the last batch; a fresh draw is new."""
+    model = slot_leak.toy_model(vocab=V, dim=32, layers=2, seed=0)
+    seen, real_reset = [], tg.TTTAdapters.reset
+    monkeypatch.setattr(tg.TTTAdapters, "reset", lambda self, slots=None: (seen.append(slots), real_reset(self, slots)))
+    lora = tg.TTTAdapters(model, dict(P, warm_a=True), 4, CPU)
+    tokens = np.concatenate(make_docs([5, 9, 5, 2]) + [[tg.BOS_ID]])
+    tg.ttt_batch(CTX, model, (tokens, np.ones(len(tokens) - 1)), tg.documents(tokens), dict(P, steps=0), lora, tg.ttt_nll)
+    assert seen[-1].tolist() == [3, 1, 2, 0]
+    bank = lora.bank.clone()
+    assert torch.equal(lora.A[:4], bank[[3, 1, 2, 0]])  # row i holds slot i's A (steps 0: untrained)
+    marks = torch.arange(1.0, 5.0)[:, None, None, None]
+    lora.A[:4] = bank[[3, 1, 2, 0]] + marks  # as if each row had trained
+    lora.reset(torch.tensor([0, 1]))
+    torch.testing.assert_close(lora.A[:2], torch.stack([bank[0] + 4, bank[1] + 2]))
+    lora.fresh()
+    assert lora.bank.shape == bank.shape and not torch.allclose(lora.bank, bank)
+
+
 def test_finished_documents_leave_the_batch_and_the_optimiser(sharp_model, monkeypatch):
     """Per chunk, the forward runs the live documents only (at least 2 rows) and AdamW steps only those still
     training (a document's last chunk teaches nothing): both counted against the lengths."""
