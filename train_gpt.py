@@ -153,7 +153,7 @@ SETTINGS = [
     ("TTT_BATCH_SIZE", 64, "int", "documents adapted side by side, each with its own adapters"),
     ("TTT_EVAL_SEQ_LEN", 2048, "int", "longest context window inside a document (and global TTT sequence length)"),
     ("PHASED_TTT_NUM_PHASES", 3, "int", "global TTT boundaries, spread over PHASED_TTT_PREFIX_DOCS (0: off)"),
-    ("PHASED_TTT_PREFIX_DOCS", 2500, "int", "documents over which the global TTT boundaries are spread"),
+    ("PHASED_TTT_PREFIX_DOCS", 2500, "int", "documents (scoring order: longest first) over which the global TTT boundaries are spread"),
     ("GLOBAL_TTT_LR", 0.001, "float", "SGD lr of the base weights at each boundary, cosine-decayed to 0 over it"),
     ("GLOBAL_TTT_MOMENTUM", 0.9, "float", "SGD momentum of global TTT"),
     ("GLOBAL_TTT_EPOCHS", 1, "int", "passes over the scored documents at each boundary"),
