@@ -153,7 +153,7 @@ SETTINGS = [
     ("TTT_BATCH_SIZE", 64, "int", "documents adapted side by side, each with its own adapters"),
     ("TTT_EVAL_SEQ_LEN", 2048, "int", "longest context window inside a document (and global TTT sequence length)"),
     ("PHASED_TTT_NUM_PHASES", 3, "int", "global TTT boundaries, spread over PHASED_TTT_PREFIX_DOCS (0: off)"),
-    ("PHASED_TTT_PREFIX_DOCS", 2500, "int", "documents over which the global TTT boundaries are spread"),
+    ("PHASED_TTT_PREFIX_DOCS", 2500, "int", "documents (scoring order: longest first) over which the global TTT boundaries are spread"),
     ("GLOBAL_TTT_LR", 0.001, "float", "SGD lr of the base weights at each boundary, cosine-decayed to 0 over it"),
     ("GLOBAL_TTT_MOMENTUM", 0.9, "float", "SGD momentum of global TTT"),
     ("GLOBAL_TTT_EPOCHS", 1, "int", "passes over the scored documents at each boundary"),
@@ -2056,19 +2056,30 @@ class TTTAdapters:
             o = width[t]
             self.where[s, t], count[o] = (i, o, count.get(o, 0)), count.get(o, 0) + 1
         gen = torch.Generator(device=device).manual_seed(0)
-        draw = lambda n: (torch.rand(n, len(keys), r, d, generator=gen, device=device) * 2 - 1) / math.sqrt(d)
-        self.A0 = draw(1)
-        self.A = draw(N) if p["warm_a"] else self.A0.expand(N, -1, -1, -1).clone()
+        self.draw = lambda n: (torch.rand(n, len(keys), r, d, generator=gen, device=device) * 2 - 1) / math.sqrt(d)
+        self.A0, self.N, self.p = self.draw(1), N, p
+        self.A = self.A0.expand(N, -1, -1, -1).clone()
+        self.fresh()
         self.B = {o: torch.zeros(N, k, o, r, device=device) for o, k in count.items()}
         self.vA, self.vB = torch.zeros_like(self.A), {o: torch.zeros_like(b) for o, b in self.B.items()}
-        self.p, self.scale, self.targets = p, p["alpha"] / r, [t for t in p["targets"] if t != "head"]
+        self.scale, self.targets = p["alpha"] / r, [t for t in p["targets"] if t != "head"]
 
-    def reset(self):
-        """A new document in every slot."""
+    def fresh(self):
+        """A fresh draw of the warm A of every batch slot (the record's draw after each global phase)."""
+        self.bank, self.slots = (self.draw(self.N) if self.p["warm_a"] else None), None
+
+    def reset(self, slots=None):
+        """A new document in every row; warm A: row i takes the A trained in batch slot slots[i] (the record's slot
+        of that document: it orders a batch shortest first), and the last batch's rows go back to their slots."""
         for t in [*self.B.values(), self.vA, *self.vB.values()]:
             t.zero_()
         if not self.p["warm_a"]:
             self.A.copy_(self.A0.expand_as(self.A))
+        else:
+            if self.slots is not None:
+                self.bank[self.slots] = self.A[:len(self.slots)]
+            slots = torch.arange(self.N, device=self.A.device) if slots is None else slots
+            self.A[:len(slots)], self.slots = self.bank[slots], slots
         self.t = 0
 
     def open(self, n, train):
@@ -2117,12 +2128,14 @@ def ttt_batch(ctx, model, val, docs, p, lora, nll_fn, on_scored=None):
     tensors are built on the device and sums are masked: the host never waits on the GPU.
     Returns float64 [sum of nll, sum of bytes, count]."""
     tokens, tbytes = on_device(val, ctx.device)
-    docs = docs[np.argsort(-docs[:, 1], kind="stable")]  # longest first: live documents are a prefix of the batch
+    order, slot_of = np.argsort(-docs[:, 1], kind="stable"), np.empty(len(docs), np.int64)
+    slot_of[np.argsort(docs[:, 1], kind="stable")] = np.arange(len(docs))  # the record's slots: shortest first
+    docs = docs[order]  # longest first: live documents are a prefix of the batch
     lens, C, L, dev = docs[:, 1], p["chunk"], p["seq_len"], ctx.device
     st, ln = to_device(docs[:, 0].astype(np.int64), dev), to_device(lens.astype(np.int64), dev)
     ar = torch.arange(max(C, -(-L // TTT_PAD) * TTT_PAD), device=dev)
     sums = torch.zeros(3, dtype=torch.float64, device=dev)
-    lora.reset()
+    lora.reset(to_device(slot_of[order], dev))
     for c in range(-(-int(lens[0]) // C)):
         live_n, nt = int((lens > c * C).sum()), int((lens > (c + 1) * C).sum()) * (p["steps"] > 0)
         n = max(live_n, min(2, len(docs)))  # >= 2 rows: a batch of one would compile its own graph
@@ -2154,14 +2167,18 @@ def ttt_batch(ctx, model, val, docs, p, lora, nll_fn, on_scored=None):
             lora.step(nt)
     return sums
 
-def global_sgd(ctx, model, val, n, p):
+def global_sgd(ctx, model, val, scored, p):
     """Phased global TTT: a fresh SGD (momentum, lr cosine-decayed to 0 over the phase) of the base weights over the
-    scored prefix val[:n + 1] in sequences of seq_len tokens whose attention never crosses a document boundary;
-    global_chunk tokens per step across ranks, gradients summed over ranks and clipped as one model's."""
-    tokens, L, params = on_device(val, ctx.device)[0][:n + 1], p["seq_len"], list(model.parameters())
-    seqs, per_step = np.arange(0, n, L), max(1, p["global_chunk"] // L)
+    documents scored so far (rows [start, n_targets], in the order they were scored), concatenated, in sequences of
+    seq_len tokens whose attention never crosses a document boundary; global_chunk tokens per step across ranks,
+    gradients summed over ranks and clipped as one model's. As the record, the final partial chunk is skipped."""
+    idx = np.concatenate([np.arange(s, s + m) for s, m in scored] + [scored[-1:, 0] + scored[-1:, 1]])
+    L, params = p["seq_len"], list(model.parameters())
+    tokens, n = on_device(val, ctx.device)[0][to_device(idx.astype(np.int64), ctx.device)], len(idx) - 1
+    per_step = max(1, p["global_chunk"] // L)
+    seqs = np.arange(0, n // (per_step * L) * per_step * L, L)  # whole chunks of whole sequences only
     opt = torch.optim.SGD(params, lr=p["global_lr"], momentum=p["global_momentum"])
-    total, k = p["global_epochs"] * -(-len(seqs) // per_step), 0
+    total, k = p["global_epochs"] * (len(seqs) // per_step), 0
     model.requires_grad_(True)
     for _ in range(p["global_epochs"]):
         for i in range(0, len(seqs), per_step):
@@ -2187,20 +2204,21 @@ def global_sgd(ctx, model, val, n, p):
     model.requires_grad_(False)
 
 def ttt_evaluate(ctx, model, val, p, on_scored=None, label="TTT eval", compiled=False):
-    """Score-first TTT over the val documents (SPEC section 9): per-document LoRA (ttt_batch) and, at each of
-    `phases` boundaries spread over the first `prefix_docs` documents, global SGD over every document scored so
-    far; later documents are scored with the updated base. Documents of a phase are split across ranks. The
+    """Score-first TTT over the val documents (SPEC section 9): per-document LoRA (ttt_batch), documents run longest
+    first; at each of `phases` boundaries floor(k prefix_docs / phases) of that order, global SGD over every document
+    scored so far (the longest ones, in the order scored) and a fresh draw of the warm A; later documents are scored
+    with the updated base. Documents of a phase are split across ranks. The
     model's weights are restored at the end. compiled: the LoRA forward/backward through torch.compile.
     Returns (val_loss, val_bpb, seconds)."""
     t0 = time.perf_counter()
     docs = documents(val[0])
     n_pre = min(p["prefix_docs"], len(docs))
-    cuts = {round(k * n_pre / p["phases"]) for k in range(1, p["phases"] + 1)} if p["phases"] else set()
+    cuts = {k * n_pre // p["phases"] for k in range(1, p["phases"] + 1)} if p["phases"] else set()
     bounds = [0] + sorted(c for c in cuts if 0 < c < len(docs)) + [len(docs)]
     saved = [q.detach().clone() for q in model.parameters()]
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    parts = [lo + np.argsort(-docs[lo:hi, 1], kind="stable")[ctx.rank::ctx.world]
-             for lo, hi in zip(bounds[:-1], bounds[1:])]  # longest first, for even batches and ranks
+    order = np.argsort(-docs[:, 1], kind="stable")  # longest first, for even batches and ranks
+    parts = [order[lo:hi][ctx.rank::ctx.world] for lo, hi in zip(bounds[:-1], bounds[1:])]
     n_total = sum(-(-len(m) // p["batch"]) for m in parts)  # this rank's batches
     work = ttt_window_tokens(docs[:, 1], p["chunk"], p["seq_len"])
     total, done, n_batches = int(work[np.concatenate(parts)].sum()), 0, 0
@@ -2222,8 +2240,9 @@ def ttt_evaluate(ctx, model, val, p, on_scored=None, label="TTT eval", compiled=
                     ctx.log(f"ttt_projected: {label} {proj:.0f}s for {total} window tokens on this rank (first batch "
                             f"{first:.1f}s, then {done - done1} in {sec:.1f}s; global steps not included)"
                             + (" warning: over the evaluation budget" if proj > EVAL_BUDGET_SECONDS else ""))
-            if k + 1 < len(parts):  # a boundary: the base learns from every document scored so far
-                global_sgd(ctx, model, val, int(docs[bounds[k + 1], 0]), p)
+            if k + 1 < len(parts):  # a boundary: the base learns from every document scored so far, on every rank
+                global_sgd(ctx, model, val, docs[order[:bounds[k + 1]]], p)
+                lora.fresh()
     finally:
         with torch.no_grad():
             for q, s in zip(model.parameters(), saved):

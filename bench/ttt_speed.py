@@ -339,8 +339,8 @@ def trace_ttt_batch(model, p, lens, bf16=True):
         step(nt)
         tr.seg = f"pre{len(steps)}"
 
-    def traced_reset():
-        reset()
+    def traced_reset(slots=None):
+        reset(slots)
         tr.seg = "pre0"
 
     lora.step, lora.reset = traced_step, traced_reset
@@ -541,15 +541,15 @@ def batch_steps(lens, p):
 
 def replay(lens, p, world):
     """ttt_evaluate's schedule for documents of `lens` targets (val order): phases[k][r] = (n, nt, T, batches) of
-    rank r in phase k (arrays over its chunk steps, in order); global_tokens[k] = the scored prefix (tokens) that the
-    global SGD after phase k trains on."""
+    rank r in phase k (arrays over its chunk steps, in order); global_tokens[k] = the targets of the documents scored
+    so far (the longest ones) that the global SGD after phase k trains on, before its final partial chunk is cut."""
     lens = np.asarray(lens, np.int64)
     n_pre = min(p["prefix_docs"], len(lens))
-    cuts = {round(k * n_pre / p["phases"]) for k in range(1, p["phases"] + 1)} if p["phases"] else set()
+    cuts = {k * n_pre // p["phases"] for k in range(1, p["phases"] + 1)} if p["phases"] else set()
     bounds = [0] + sorted(c for c in cuts if 0 < c < len(lens)) + [len(lens)]
-    phases = []
+    phases, longest = [], np.argsort(-lens, kind="stable")
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        order = lo + np.argsort(-lens[lo:hi], kind="stable")
+        order = longest[lo:hi]
         ranks = []
         for r in range(world):
             mine = order[r::world]
@@ -557,8 +557,7 @@ def replay(lens, p, world):
             cat = [np.concatenate([q[j] for q in parts]) if parts else np.zeros(0, np.int64) for j in range(3)]
             ranks.append((*cat, len(parts)))
         phases.append(ranks)
-    starts = np.concatenate([[0], np.cumsum(lens)])
-    return phases, [int(starts[b]) for b in bounds[1:-1]]
+    return phases, [int(lens[longest[:b]].sum()) for b in bounds[1:-1]]
 
 
 # ----------------------------------------------------------------------------- global SGD and the plain evals
@@ -571,7 +570,7 @@ def trace_global_step(model, p, world):
     ctx = TraceCtx(0, world)
     tr.seg = "global"
     with tracing(tr):
-        tg.global_sgd(ctx, model, tg.Val(tokens, np.ones(n, np.int32)), n, p)
+        tg.global_sgd(ctx, model, tg.Val(tokens, np.ones(n, np.int32)), np.array([[0, n]]), p)
     return tr, ctx.allreduce_bytes
 
 def trace_eval_batch(model, L, stride, batch, points):
@@ -659,7 +658,7 @@ def global_seconds(step, allreduce_bytes, lens, p, world):
     """Global SGD seconds: steps of every phase boundary times one traced step (rank 0: the largest share)."""
     _, tokens = replay(lens, p, world)
     per_step = max(1, p["global_chunk"] // p["seq_len"])
-    steps = sum(p["global_epochs"] * ceil_div(ceil_div(t, p["seq_len"]), per_step) for t in tokens)
+    steps = sum(p["global_epochs"] * (t // (per_step * p["seq_len"])) for t in tokens)
     ring = allreduce_bytes * 2 * (world - 1) / world / ALLREDUCE_BW
     return steps * (step + ring), steps
 

@@ -101,16 +101,18 @@ def test_weights_restored(sharp_model):
 
 @pytest.fixture(scope="module")
 def causal_ref(sharp_model):
-    tokens = np.concatenate(make_docs(LENS))
+    tokens = np.concatenate(make_docs(sorted(LENS, reverse=True)))  # the stream in the order TTT scores it
     return tokens, run_ttt(sharp_model, tokens, P)[2]
 
 
-# positions in doc 0, doc 2 (long: windows slide), doc 5 (end of the prefix), doc 6 (after the last boundary)
-@pytest.mark.parametrize("t", [3, 40, 60, 130, 140, 200, 260])
+# positions in doc 0 (long: windows slide), doc 1, doc 2, doc 3 (after the first boundary), doc 5 (end of the
+# prefix), doc 6 (after the last boundary)
+@pytest.mark.parametrize("t", [3, 40, 60, 130, 200, 210, 280, 300])
 def test_changing_token_t_and_later_leaves_earlier_scores(sharp_model, causal_ref, t):
-    """Changing token t and every later one (BOS kept: the same documents) leaves the distribution of every target
-    j < t (it predicts token j + 1 <= t) unchanged, though batches mix documents, adapters train on scored chunks
-    and the base takes global steps at boundaries; later targets do change."""
+    """Documents in the order they are scored (longest first): changing token t and every later one (BOS kept: the
+    same documents) leaves the distribution of every target j < t (it predicts token j + 1 <= t) unchanged, though
+    batches mix documents, adapters train on scored chunks and the base takes global steps at boundaries; later
+    targets do change."""
     tokens, ref = causal_ref
     changed = tokens.copy()
     free = np.flatnonzero(tokens != tg.BOS_ID)
@@ -120,6 +122,21 @@ def test_changing_token_t_and_later_leaves_earlier_scores(sharp_model, causal_re
     got = run_ttt(sharp_model, changed, P)[2]
     torch.testing.assert_close(got[:t], ref[:t], atol=1e-6, rtol=0)
     assert (got[t:] - ref[t:]).abs().max() > 1e-3
+
+
+def test_documents_scored_later_leave_earlier_scored_ones(sharp_model):
+    """The stream out of scoring order: docs 3, 8, 1 and 4 (lengths 12, 9, 5, 1) run in the last two batches, after
+    both boundaries; changing their tokens leaves every target of the other documents, earlier in the stream or
+    later, unchanged, and changes their own."""
+    tokens = np.concatenate(make_docs(LENS))
+    ref, changed = run_ttt(sharp_model, tokens, P)[2], tokens.copy()
+    late = np.zeros(len(tokens) - 1, bool)
+    for s, n in tg.documents(tokens)[[3, 8, 1, 4]]:
+        late[s:s + n] = True
+        changed[s + 1:s + n] = 2 + (tokens[s + 1:s + n] - 1) % (V - 2)
+    got = run_ttt(sharp_model, changed, P)[2]
+    torch.testing.assert_close(got[~late], ref[~late], atol=1e-6, rtol=0)
+    assert (got[late] - ref[late]).abs().max() > 1e-3
 
 
 def per_doc_nll(model, docs, p):
@@ -267,6 +284,40 @@ def test_adapter_step_is_torch_adamw_on_the_training_prefix():
     assert lora.vA[3:].abs().max() == 0
 
 
+def test_phases_train_on_the_documents_scored_so_far(sharp_model, monkeypatch):
+    """SPEC section 10, corrections: documents run longest first over the whole val (LENS: docs 6, 2, 5, 9, 0, 7,
+    3, 8, 1, 4); boundaries floor(k * 5 / 3) = 1, 3, 5 (rounding would give 2); each global phase trains on the
+    documents scored so far in the order scored, then the warm A is drawn afresh."""
+    events, real_fresh = [], tg.TTTAdapters.fresh
+    monkeypatch.setattr(tg, "global_sgd", lambda ctx, model, val, docs, p: events.append(docs.tolist()))
+    monkeypatch.setattr(tg.TTTAdapters, "fresh", lambda self: (events.append("fresh"), real_fresh(self)))
+    tokens = np.concatenate(make_docs(LENS))
+    tg.ttt_evaluate(CTX, sharp_model, (tokens, np.ones(len(tokens) - 1)), dict(P, phases=3, prefix_docs=5))
+    d = tg.documents(tokens).tolist()
+    assert events == ["fresh", [d[6]], "fresh", [d[6], d[2], d[5]], "fresh", [d[6], d[2], d[5], d[9], d[0]], "fresh"]
+
+
+def test_warm_a_is_carried_by_the_records_batch_slots(monkeypatch):
+    """The record orders a batch shortest first (stable) and a slot's trained A goes to the document in the same
+    slot of the next batch. Lengths 5, 9, 5, 2 run as rows 9, 5, 5, 2 (docs 1, 0, 2, 3), whose record slots are
+    3, 1, 2, 0; a following batch of 2 takes slots 0 and 1, so rows 3 and 1 of the last batch; a fresh draw is new."""
+    model = slot_leak.toy_model(vocab=V, dim=32, layers=2, seed=0)
+    seen, real_reset = [], tg.TTTAdapters.reset
+    monkeypatch.setattr(tg.TTTAdapters, "reset", lambda self, slots=None: (seen.append(slots), real_reset(self, slots)))
+    lora = tg.TTTAdapters(model, dict(P, warm_a=True), 4, CPU)
+    tokens = np.concatenate(make_docs([5, 9, 5, 2]) + [[tg.BOS_ID]])
+    tg.ttt_batch(CTX, model, (tokens, np.ones(len(tokens) - 1)), tg.documents(tokens), dict(P, steps=0), lora, tg.ttt_nll)
+    assert seen[-1].tolist() == [3, 1, 2, 0]
+    bank = lora.bank.clone()
+    assert torch.equal(lora.A[:4], bank[[3, 1, 2, 0]])  # row i holds slot i's A (steps 0: untrained)
+    marks = torch.arange(1.0, 5.0)[:, None, None, None]
+    lora.A[:4] = bank[[3, 1, 2, 0]] + marks  # as if each row had trained
+    lora.reset(torch.tensor([0, 1]))
+    torch.testing.assert_close(lora.A[:2], torch.stack([bank[0] + 4, bank[1] + 2]))
+    lora.fresh()
+    assert lora.bank.shape == bank.shape and not torch.allclose(lora.bank, bank)
+
+
 def test_finished_documents_leave_the_batch_and_the_optimiser(sharp_model, monkeypatch):
     """Per chunk, the forward runs the live documents only (at least 2 rows) and AdamW steps only those still
     training (a document's last chunk teaches nothing): both counted against the lengths."""
@@ -316,16 +367,19 @@ def test_compiled_ttt_equals_eager_with_one_graph():
 
 def test_global_sgd_is_a_fresh_cosine_sgd_over_document_masked_sequences():
     """global_sgd against a hand-written loop: SGD with momentum from zero, lr cosine-decayed over the phase's
-    steps, gradients of the mean NLL over masked-attention sequences, clipped by global norm."""
+    steps, gradients of the mean NLL over masked-attention sequences, clipped by global norm; the documents scored
+    so far in the order scored (here docs 1, 3, 0: 92 targets, doc 2 not yet scored), the final partial chunk of
+    32 tokens (targets 64..91) skipped."""
     model = slot_leak.toy_model(vocab=V, dim=32, layers=2, seed=2)
     ref = slot_leak.toy_model(vocab=V, dim=32, layers=2, seed=2)
-    tokens = np.concatenate(make_docs([20, 40, 7, 30]))
+    stream = np.concatenate(make_docs([20, 40, 7, 30]))
     p = dict(P, seq_len=16, global_chunk=32, global_lr=0.05, global_momentum=0.9, global_clip=0.5, global_epochs=1)
+    scored = tg.documents(stream)[[1, 3, 0]]
+    tg.global_sgd(CTX, model, (stream, np.ones(len(stream) - 1)), scored, p)
+    tokens = np.concatenate([stream[21:62], stream[70:100], stream[0:21], stream[21:22]])  # BOS to BOS, each
     n = len(tokens) - 1
-    tg.global_sgd(CTX, model, (tokens, np.ones(n)), n, p)
     params, bufs = list(ref.parameters()), None
-    starts = list(range(0, n, 16))
-    steps = [starts[i:i + 2] for i in range(0, len(starts), 2)]
+    steps = [[0, 16], [32, 48]]
     ref.requires_grad_(True)
     for k, group in enumerate(steps):
         loss = 0.0

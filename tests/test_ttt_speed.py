@@ -125,14 +125,15 @@ def test_replay_is_the_schedule_ttt_evaluate_runs(monkeypatch, world):
 
         monkeypatch.setattr(tg, "ttt_nll", nll)
         monkeypatch.setattr(tg.TTTAdapters, "step", step)
-        monkeypatch.setattr(tg, "global_sgd", lambda ctx, model, val, n, p: prefixes.append(n))
+        monkeypatch.setattr(tg, "global_sgd", lambda ctx, model, val, docs, p: prefixes.append(docs[:, 1].sum()))
         ctx = ReduceFree(rank, world, 0, torch.device("cpu"))
         tg.ttt_evaluate(ctx, model, (tokens, np.ones(len(tokens) - 1, np.int32)), p)
         want = np.concatenate([np.stack(ph[rank][:3], 1) for ph in phases])
         assert np.array_equal(np.array(steps), want)
         assert set(want[:, 2]) == {64, 128, 192} and (want[:, 1] == 0).any()  # capped windows; untrained chunks
         assert ((want[:, 1] > 0) & (want[:, 1] < want[:, 0])).any()  # finished documents leave the optimiser
-        assert prefixes == global_tokens == [sum(lens[:3]), sum(lens[:6])]  # phases: docs 0-2, 3-5, 6-13
+        # phases: the longest 3 (200, 164, 150), the next 3 (40, 33, 26), the other 8; each trains on all scored
+        assert prefixes == global_tokens == [200 + 164 + 150, 200 + 164 + 150 + 40 + 33 + 26]
         assert [ph[rank][3] for ph in phases] == [-(-len(range(rank, k, world)) // 3) for k in (3, 3, 8)]
 
 
