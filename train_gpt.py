@@ -5,7 +5,7 @@ optimizer -> training -> export -> evaluation -> main."""
 from __future__ import annotations
 
 import contextlib, copy, difflib, glob, hashlib, importlib, json, lzma, math, os, re, signal, struct, subprocess, sys
-import time, base64, bz2, traceback
+import time, base64, bz2, itertools, traceback
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -138,6 +138,8 @@ SETTINGS = [
     ("SWEEP_SLOT_LR", [], "floats", "sweep grid: SLOT lr"),
     ("SWEEP_SLOT_LR_MIN", [], "floats", "sweep grid: SLOT final lr"),
     ("SWEEP_EVAL_STRIDE", [], "ints", "sweep grid: strides (hidden states are recomputed per stride)"),
+    ("EVAL_BUDGET_SECONDS", 600.0, "float", "the evaluation's hard deadline, from the first read of the val data and "
+     "the artifact: TTT stops adapting in time to score the rest unadapted; a run past it ends with an error"),
     ("TTT_ENABLED", False, "bool", "run the score-first TTT evaluation (per-document LoRA + phased global SGD)"),
     ("TTT_LORA_RANK", 80, "int", "rank of the per-document LoRA adapters"),
     ("TTT_LORA_ALPHA", 144.0, "float", "LoRA scale numerator: the adapters add alpha/rank x A B"),
@@ -274,7 +276,8 @@ class Settings:
                          "TRAIN_LOG_EVERY EVAL_SEQ_LEN EVAL_STRIDE EVAL_BATCH SLOT_BATCH SLOT_EPS MUON_BACKEND_STEPS "
                          "SWA_EVERY GPTQ_BLOCK ADAM_EPS GPTQ_CALIB_BATCHES SIZE_LIMIT_BYTES BIGRAM_DIM VE_DIM "
                          "ROPE_BASE LOGIT_SOFTCAP GPTQ_TEMPERATURE GPTQ_DAMP TTT_LORA_RANK TTT_CHUNK_SIZE "
-                         "TTT_BATCH_SIZE TTT_EVAL_SEQ_LEN GLOBAL_TTT_CHUNK TTT_LORA_ALPHA TTT_EPS GATE_WINDOW"),
+                         "TTT_BATCH_SIZE TTT_EVAL_SEQ_LEN GLOBAL_TTT_CHUNK TTT_LORA_ALPHA TTT_EPS GATE_WINDOW "
+                         "EVAL_BUDGET_SECONDS"),
                  ">= 0": (lambda v: v >= 0, "WARMUP_STEPS WARMDOWN_ITERS MAX_WALLCLOCK_SECONDS VAL_LOSS_EVERY "
                           "VAL_TOKENS ROPE_DIMS XSA_LAST_N BIGRAM_VOCAB_SIZE TIED_EMBED_LR HEAD_LR MATRIX_LR "
                           "SCALAR_LR MUON_WD MUON_MOMENTUM_WARMUP_STEPS ADAM_WD GRAD_CLIP_NORM GPTQ_RESERVE_SECONDS "
@@ -1071,6 +1074,9 @@ class Ctx:
         self.main, self.bf16, self.compile = rank == 0, device.type == "cuda", device.type == "cuda"
         self.log_file, self.graphs, self.warned = None, 0, {}  # log: opened by open_run() on rank 0
         self.bytes_ratio = None  # rule bytes / val byte-sidecar bytes, set by run() when the data has sidecars
+        # the evaluation's budget (EVAL_BUDGET_SECONDS, set by run()), the clock its deadline is read on, and what
+        # the adaptive evals report for submission.json
+        self.budget, self.deadline, self.clock, self.notes = EVAL_BUDGET_SECONDS, None, time.perf_counter, {}
 
     def log(self, msg):
         if self.main:
@@ -2013,9 +2019,9 @@ def evaluate(ctx, model, val, seq_len, stride, batch, points=(None,), label="eva
         elif b == min(3, n_batches - 1):
             ctx.sync()
             projected = first + (time.perf_counter() - t_first) / b * (n_batches - 1)
-            if projected > EVAL_BUDGET_SECONDS:
+            if projected > ctx.budget:
                 ctx.log(f"warning: {label} projected to take {projected:.0f}s on this hardware, over the "
-                        f"{EVAL_BUDGET_SECONDS:.0f} s evaluation budget ({n_batches} batches per rank)")
+                        f"{ctx.budget:g} s evaluation budget ({n_batches} batches per rank)")
     ctx.all_reduce(sums)
     return [(s[0].item() / s[2].item(), s[0].item() / math.log(2) / s[1].item(), ctx.seconds(sp))
             for s, sp in zip(sums, spans)]
@@ -2121,12 +2127,12 @@ def ttt_nll(model, x, y, slot, lora, bf16, keep_logits):
 
 TTT_PAD = 64  # window lengths are padded to a multiple of this (positions past the scored ones change nothing)
 
-def ttt_batch(ctx, model, val, docs, p, lora, nll_fn, on_scored=None):
+def ttt_batch(ctx, model, val, docs, p, lora, nll_fn, on_scored=None, adapt=True):
     """Per-document LoRA TTT of a batch of documents: chunk c of every document is scored (context: at most seq_len
     tokens of the same document), and only then do the document's adapters take `steps` AdamW steps on it (the
     scoring forward doubles as the first step). Losses are per-document means, so documents never interact. Index
-    tensors are built on the device and sums are masked: the host never waits on the GPU.
-    Returns float64 [sum of nll, sum of bytes, count]."""
+    tensors are built on the device and sums are masked: the host never waits on the GPU. adapt=False (past the
+    eval deadline): scored the same way, no adapter step. Returns float64 [sum of nll, sum of bytes, count]."""
     tokens, tbytes = on_device(val, ctx.device)
     order, slot_of = np.argsort(-docs[:, 1], kind="stable"), np.empty(len(docs), np.int64)
     slot_of[np.argsort(docs[:, 1], kind="stable")] = np.arange(len(docs))  # the record's slots: shortest first
@@ -2137,7 +2143,7 @@ def ttt_batch(ctx, model, val, docs, p, lora, nll_fn, on_scored=None):
     sums = torch.zeros(3, dtype=torch.float64, device=dev)
     lora.reset(to_device(slot_of[order], dev))
     for c in range(-(-int(lens[0]) // C)):
-        live_n, nt = int((lens > c * C).sum()), int((lens > (c + 1) * C).sum()) * (p["steps"] > 0)
+        live_n, nt = int((lens > c * C).sum()), int((lens > (c + 1) * C).sum()) * (p["steps"] > 0 and adapt)
         n = max(live_n, min(2, len(docs)))  # >= 2 rows: a batch of one would compile its own graph
         T = -(-min((c + 1) * C, int(lens[0]), L) // TTT_PAD) * TTT_PAD  # the longest window, padded
         s, l = st[:n, None], ln[:n, None]
@@ -2203,45 +2209,93 @@ def global_sgd(ctx, model, val, scored, p):
             opt.zero_grad(set_to_none=True)
     model.requires_grad_(False)
 
-def ttt_evaluate(ctx, model, val, p, on_scored=None, label="TTT eval", compiled=False):
+class Shared:
+    """Counters every rank sees at once: the process group's store (TCP) across ranks, a dict in one process. Keys
+    carry the eval's sequence number, so a sweep's evals never share one."""
+    calls = itertools.count()
+
+    def __init__(self, ctx):
+        self.store = dist.distributed_c10d._get_default_store() if ctx.world > 1 else None
+        self.tag, self.local = f"ttt{next(Shared.calls)}/", {}
+
+    def add(self, key, n=1):  # the value after adding n
+        if self.store is not None:
+            return self.store.add(self.tag + key, n)
+        self.local[key] = self.local.get(key, 0) + n
+        return self.local[key]
+
+def ttt_evaluate(ctx, model, val, p, on_scored=None, label="TTT eval", compiled=False, deadline=None):
     """Score-first TTT over the val documents (SPEC section 9): per-document LoRA (ttt_batch), documents run longest
-    first; at each of `phases` boundaries floor(k prefix_docs / phases) of that order, global SGD over every document
-    scored so far (the longest ones, in the order scored) and a fresh draw of the warm A; later documents are scored
-    with the updated base. Documents of a phase are split across ranks. The
-    model's weights are restored at the end. compiled: the LoRA forward/backward through torch.compile.
+    first in batches that each rank takes from a shared counter (the slowest rank ends within a batch of the
+    others); at each of `phases` boundaries floor(k prefix_docs / phases) of that order, global SGD over every
+    document scored so far (the longest ones, in the order scored) and a fresh draw of the warm A; later documents
+    are scored with the updated base. The model's weights are restored at the end. compiled: the LoRA
+    forward/backward through torch.compile. deadline (ctx.clock() time): adaptation stops, for every rank at once,
+    when what is left of it would no longer cover adapting the next batch (or a global phase) and then scoring the
+    rest unadapted at the measured rates, less a margin; every document is still scored, once, in order.
     Returns (val_loss, val_bpb, seconds)."""
-    t0 = time.perf_counter()
+    t0 = ctx.clock()
     docs = documents(val[0])
-    n_pre = min(p["prefix_docs"], len(docs))
+    n_pre, B = min(p["prefix_docs"], len(docs)), p["batch"]
     cuts = {k * n_pre // p["phases"] for k in range(1, p["phases"] + 1)} if p["phases"] else set()
     bounds = [0] + sorted(c for c in cuts if 0 < c < len(docs)) + [len(docs)]
     saved = [q.detach().clone() for q in model.parameters()]
-    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    order = np.argsort(-docs[:, 1], kind="stable")  # longest first, for even batches and ranks
-    parts = [order[lo:hi][ctx.rank::ctx.world] for lo, hi in zip(bounds[:-1], bounds[1:])]
-    n_total = sum(-(-len(m) // p["batch"]) for m in parts)  # this rank's batches
+    sums = torch.zeros(5, dtype=torch.float64, device=ctx.device)  # nll, bytes, targets; unadapted docs, targets
+    order = np.argsort(-docs[:, 1], kind="stable")  # longest first: even batches, and the longest learn first
     work = ttt_window_tokens(docs[:, 1], p["chunk"], p["seq_len"])
-    total, done, n_batches = int(work[np.concatenate(parts)].sum()), 0, 0
-    lora = TTTAdapters(model, p, p["batch"], ctx.device)
+    total = int(work.sum()) / ctx.world  # window tokens a rank
+    lora, shared = TTTAdapters(model, p, B, ctx.device), Shared(ctx)
     nll_fn = compile_fn(ttt_nll, "ttt_nll", 1) if compiled else ttt_nll  # dynamic dims: one graph for all batches
+    margin = 2.0 + 0.02 * ctx.budget  # the reductions, the last logs and submission.json, and the estimates' error
+    spent = {True: [0.0, 0], False: [0.0, 0]}  # adapted / unadapted batches after the first: seconds, window tokens
+    n_batches, adapting, skipped, projected, first, n_first = 0, True, 0, False, 0.0, 0
+
+    def rate(adapt):  # seconds per window token; scoring alone is taken as half an adapted step until measured
+        sec, n = spent[adapt]
+        return sec / n if n else rate(True) / 2 if not adapt and spent[True][1] else first / max(n_first, 1)
+
+    def affordable(cost, rest):  # `cost` more seconds of adapting still leaves time to score `rest` unadapted
+        return deadline is None or ctx.clock() + cost + rate(False) * rest / ctx.world + margin <= deadline
+
     model.requires_grad_(False)
     try:
-        for k, mine in enumerate(parts):
-            for i in range(0, len(mine), p["batch"]):
-                sums += ttt_batch(ctx, model, val, docs[mine[i:i + p["batch"]]], p, lora, nll_fn, on_scored)
-                done, n_batches = done + int(work[mine[i:i + p["batch"]]].sum()), n_batches + 1
-                if n_batches == 1:  # the first batch compiles: the projection extrapolates the next ones
+        for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            while (j := shared.add(f"batch{k}") - 1) * B < hi - lo:  # the next batch of this phase, any rank's
+                mine = order[lo + j * B:min(lo + (j + 1) * B, hi)]
+                n = int(work[mine].sum())
+                rest = int(work.sum()) - shared.add("taken", n)
+                if adapting and n_batches and (shared.add("stop", 0) or not affordable(rate(True) * n, rest)):
+                    adapting = False
+                    if not shared.add("stop", 0):
+                        shared.add("stop")
+                        ctx.log(f"ttt_deadline: {label} adaptation stops at {ctx.clock() - deadline + ctx.budget:.1f}s "
+                                f"of EVAL_BUDGET_SECONDS={ctx.budget:g}: {rest + n} window tokens left, scored with "
+                                "the base weights as they are")
+                t = ctx.clock()
+                sums[:3] += ttt_batch(ctx, model, val, docs[mine], p, lora, nll_fn, on_scored, adapting)
+                if not adapting:
+                    sums[3:] += torch.tensor([len(mine), docs[mine, 1].sum()], dtype=torch.float64, device=ctx.device)
+                if deadline is not None or n_batches in (0, 3):
                     ctx.sync()
-                    first, t1, done1 = time.perf_counter() - t0, time.perf_counter(), done
-                if n_batches == min(4, n_total):
-                    ctx.sync()
-                    sec = time.perf_counter() - t1
-                    proj = first + (sec / (done - done1) * (total - done1) if done > done1 else 0.0)
-                    ctx.log(f"ttt_projected: {label} {proj:.0f}s for {total} window tokens on this rank (first batch "
-                            f"{first:.1f}s, then {done - done1} in {sec:.1f}s; global steps not included)"
-                            + (" warning: over the evaluation budget" if proj > EVAL_BUDGET_SECONDS else ""))
-            if k + 1 < len(parts):  # a boundary: the base learns from every document scored so far, on every rank
-                global_sgd(ctx, model, val, docs[order[:bounds[k + 1]]], p)
+                n_batches += 1
+                if n_batches == 1:  # the first batch compiles: the rates and the projection leave it out
+                    first, n_first = ctx.clock() - t0, n
+                else:
+                    spent[adapting][0] += ctx.clock() - t
+                    spent[adapting][1] += n
+                if n_batches == 4 or (not projected and rest == 0):
+                    projected, proj = True, first + rate(True) * max(total - n_first, 0)
+                    ctx.log(f"ttt_projected: {label} {proj:.0f}s for {total:.0f} window tokens a rank (first batch "
+                            f"{first:.1f}s, then {spent[True][1]} in {spent[True][0]:.1f}s; global steps not included)"
+                            + (" warning: over the evaluation budget" if proj > ctx.budget else ""))
+            if k + 1 < len(bounds) - 1:  # a boundary: the base learns from every document scored so far
+                scored = docs[order[:bounds[k + 1]]]
+                go = adapting and affordable(rate(True) * scored[:, 1].sum() * p["global_epochs"],
+                                             int(work.sum()) - shared.add("taken", 0))
+                if ctx.all_reduce(torch.tensor(float(not go), device=ctx.device), dist.ReduceOp.MAX).item():
+                    adapting, skipped = False, skipped + 1  # every rank skips it: no rank left in a collective
+                    continue
+                global_sgd(ctx, model, val, scored, p)
                 lora.fresh()
     finally:
         with torch.no_grad():
@@ -2251,7 +2305,12 @@ def ttt_evaluate(ctx, model, val, p, on_scored=None, label="TTT eval", compiled=
     ctx.all_reduce(sums)
     ctx.sync()
     s = sums.tolist()
-    return s[0] / s[2], s[0] / math.log(2) / s[1], time.perf_counter() - t0
+    if deadline is not None:
+        ctx.notes.update(ttt_unadapted_documents=int(s[3]), ttt_unadapted_targets=int(s[4]), ttt_phases_skipped=skipped)
+        if s[3] or skipped:
+            ctx.log(f"ttt_deadline: {label} {int(s[3])} documents ({int(s[4])} targets) scored without adaptation, "
+                    f"{skipped} global phases skipped, to end inside EVAL_BUDGET_SECONDS={ctx.budget:g}")
+    return s[0] / s[2], s[0] / math.log(2) / s[1], ctx.clock() - t0
 
 def ttt_desc(p):
     return " ".join(f"{k}:{','.join(v) if isinstance(v, list) else v}" for k, v in p.items())
@@ -2292,7 +2351,7 @@ def final_evals(a, ctx, model, val, results, label):
     ctx.compiles("eval (round trip, sliding, SLOT)")
     ttt_grid, compiled = a.ttt_grid(), a.compile and ctx.compile
     if a.ttt_enabled and not ttt_grid:
-        results["ttt"] = r = ttt_evaluate(ctx, model, val, a.ttt_point(), compiled=compiled)
+        results["ttt"] = r = ttt_evaluate(ctx, model, val, a.ttt_point(), compiled=compiled, deadline=ctx.deadline)
         ctx.log(f"final_ttt_exact val_loss:{r[0]:.8f} val_bpb:{r[1]:.8f} eval_time:{r[2]:.1f}s "
                 + ttt_desc(a.ttt_point()))
     for p in ttt_grid:
@@ -2413,6 +2472,7 @@ def model_from(config, state, ctx, compile_eval):
     return model
 
 def run(a, ctx, run_id, code_bytes):
+    ctx.budget = a.eval_budget_seconds
     t_val = time.perf_counter()
     sp = load_tokenizer(a.tokenizer_path, a.vocab_size)
     val_files = find_shards(a.data_path, "val")
@@ -2463,6 +2523,7 @@ def run(a, ctx, run_id, code_bytes):
         ctx.log(f"final_prequant_exact val_loss:{results['prequant'][0]:.8f} val_bpb:{results['prequant'][1]:.8f}")
         del model
     t_eval = time.perf_counter()  # the evaluation as a submission runs it: from the artifact to the last score
+    ctx.deadline = t_eval - t_val + ctx.budget  # on ctx.clock, counted from the first read of the val data
     header, arrays = read_artifact(a.artifact)
     if a.eval_only:
         for k in sorted(set(a.explicit) & set(ARCH_KEYS)):
@@ -2474,9 +2535,13 @@ def run(a, ctx, run_id, code_bytes):
     ctx.sync()
     took = round(ctx.all_reduce(torch.tensor(time.perf_counter() - t_eval, dtype=torch.float64, device=ctx.device),
                                 dist.ReduceOp.MAX).item() + t_val, 1)  # one rounding: the log and the JSON agree
-    ctx.log(f"eval_total: {took:.1f}s of the {EVAL_BUDGET_SECONDS:.0f} s evaluation budget (val data {t_val:.1f}s, "
+    ctx.log(f"eval_total: {took:.1f}s of the {ctx.budget:g} s evaluation budget (val data {t_val:.1f}s, "
             f"then artifact read, decompression, model build, every compile and eval to the last score; slowest rank)"
-            + (" warning: over the budget" if took > EVAL_BUDGET_SECONDS else ""))
+            + (" warning: over the budget" if took > ctx.budget else ""))
+    if took > ctx.budget and not (a.sweep_grid() or a.ttt_grid()):  # a sweep is no submission: it may run long
+        raise ConfigError(f"EVAL_BUDGET_SECONDS={ctx.budget:g}: the evaluation took {took:.1f}s even with adaptation "
+                          "stopped at its deadline, so no headline is reported; fix: a larger budget, or evals that "
+                          "fit it (SLIDING_ENABLED=0, SLOT_ENABLED=0, a smaller EVAL_BATCH or VAL_TOKENS)")
     if ctx.main:
         write_submission(a, ctx, run_id, results, code_bytes, os.path.getsize(a.artifact), header, steps, train_ms,
                          took)
@@ -2501,7 +2566,7 @@ def write_submission(a, ctx, run_id, results, code_bytes, model_bytes, header, s
                      f"artifact; val_bpb from {method[metric]}; {hw}; {steps} training steps"
                      + (" (eval-only run)" if a.eval_only else ""),
                metric=metric, hardware=hw, seed=a.seed, train_steps=steps, train_time_ms=round(train_ms),
-               eval_seconds=eval_seconds,
+               eval_seconds=eval_seconds, eval_budget_seconds=ctx.budget, **ctx.notes,
                val_tokens=int(a.val_tokens) or "all",
                results={k: dict(val_loss=v[0], val_bpb=v[1], seconds=round(v[2], 1), method=method.get(k, k),
                                 legal=k in LEGAL, **({"val_bpb_on_sidecar_bytes": v[1] * r} if r else {}))

@@ -417,3 +417,81 @@ def test_document_masked_attention_equals_attention_per_document():
             alone = tg.causal_attention(q[b:b + 1, m], k[b:b + 1, m], v[b:b + 1, m])
             torch.testing.assert_close(out[b:b + 1, m], alone, rtol=1e-5, atol=1e-6)
     assert (tg.causal_attention(q, k, v) - out).abs().max() > 1e-2
+
+
+# ----------------------------------------------------------------------------- issue 22: the eval deadline, shared work
+
+
+class TickCtx(tg.Ctx):
+    """A clock that moves 1 s at every read: the deadline's decisions are the same on any machine, however busy."""
+
+    def __init__(self):
+        super().__init__(0, 1, 0, CPU)
+        self.t = 0.0
+
+    def clock(self):
+        self.t += 1.0
+        return self.t
+
+
+def test_deadline_stops_adapting_and_still_scores_every_target_once(sharp_model):
+    """A deadline that cannot cover adapting every batch: later batches are scored with the base weights as they are
+    (every target once, still score-first), the figure lies between no adaptation and full TTT, and the counts land
+    in ctx.notes; a deadline far away is bit-identical to none."""
+    tokens = np.concatenate(make_docs(LENS * 2, seed=4))
+    val, p = (tokens, np.ones(len(tokens) - 1)), dict(P, phases=2, prefix_docs=12)
+    full = tg.ttt_evaluate(CTX, sharp_model, val, p)
+    base = tg.ttt_evaluate(CTX, sharp_model, val, dict(p, lr=0.0, global_lr=0.0))
+    ctx = TickCtx()
+    assert tg.ttt_evaluate(ctx, sharp_model, val, p, deadline=10 ** 6)[:2] == full[:2]
+    assert ctx.notes == dict(ttt_unadapted_documents=0, ttt_unadapted_targets=0, ttt_phases_skipped=0)
+    ctx, got = TickCtx(), {}
+    loss = tg.ttt_evaluate(ctx, sharp_model, val, p, lambda t, lp: got.update(zip(t.tolist(), lp)), deadline=40)[0]
+    assert sorted(got) == list(range(len(tokens) - 1))
+    assert 0 < ctx.notes["ttt_unadapted_documents"] < 20 and ctx.notes["ttt_phases_skipped"] >= 1
+    assert ctx.notes["ttt_unadapted_targets"] < len(tokens) - 1
+    assert full[0] < loss < base[0]
+
+
+def _shared_rank(rank, world, port, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = slot_leak.toy_model(vocab=V, dim=32, layers=2, seed=1, perturb=0.3)
+        tokens = np.concatenate(make_docs(LENS * 2, seed=4))
+        got = []
+        r = tg.ttt_evaluate(tg.Ctx(rank, world, 0, CPU), model, (tokens, np.ones(len(tokens) - 1)),
+                            dict(P, warm_a=False), lambda t, lp: got.extend(t.tolist()))
+        torch.save(dict(targets=got, figure=r[:2]), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_share_the_batches_and_equal_one_process(tmp_path):
+    """Ranks take the next batch from the process group's store: they score disjoint sets of targets that together
+    cover every target exactly once, and the figure equals one process's (one A for all: TTT_WARM_A=0)."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_shared_rank, args=(2, port, str(tmp_path / "r")), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"r.{k}") for k in range(2)]
+    tokens = np.concatenate(make_docs(LENS * 2, seed=4))
+    a, b = (set(r["targets"]) for r in ranks)
+    assert a and b and not a & b and sorted(a | b) == list(range(len(tokens) - 1))
+    assert sum(len(r["targets"]) for r in ranks) == len(tokens) - 1
+    model = slot_leak.toy_model(vocab=V, dim=32, layers=2, seed=1, perturb=0.3)
+    one = tg.ttt_evaluate(CTX, model, (tokens, np.ones(len(tokens) - 1)), dict(P, warm_a=False))
+    for r in ranks:  # float noise: global SGD's gradients are fp32 sums over 2 ranks in another order (2.7e-7 seen)
+        assert r["figure"] == pytest.approx(one[:2], rel=1e-5)
+
+
+def test_an_eval_that_cannot_fit_its_budget_ends_with_one_error_line(artifact, toy_env, run_script):
+    r = run_script({**toy_env, **TTT_ENV, "ARTIFACT": str(artifact), "RUN_ID": "tiny", "TTT_ENABLED": "1",
+                    "EVAL_BUDGET_SECONDS": "0.2"})
+    assert r.returncode != 0
+    err = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and "EVAL_BUDGET_SECONDS=0.2: the evaluation took" in err[0] and "fix:" in err[0], r.stderr
+    assert "Traceback" not in r.stderr and "submission:" not in r.stdout
+    assert re.search(r"^ttt_deadline: TTT eval \d+ documents", r.stdout, re.M)
