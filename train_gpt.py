@@ -2530,7 +2530,13 @@ def run(a, ctx, run_id, code_bytes):
             if header["config"][k] != getattr(a, k.lower()):
                 ctx.log(f"warning: {k} is set but ignored: the artifact's model has {k}={header['config'][k]}")
         ctx.log(f"eval_only: artifact {a.artifact} label:{header['label']} codec:{header['codec']}")
-    model = model_from(header["config"], dequantize(arrays), ctx, a.compile)
+    # with TTT the headline and no sliding window or SLOT, the round trip's one pass runs eager: a cold compile of
+    # the whole forward would cost more of the budget than it saves (TTT compiles its own step)
+    plain_only = a.ttt_enabled and not (a.sliding_enabled or a.slot_enabled or a.sweep_grid())
+    model = model_from(header["config"], dequantize(arrays), ctx, a.compile and not plain_only)
+    if plain_only and a.compile and ctx.compile:
+        ctx.log("eval_compile: the round trip runs eager (TTT is the headline, no sliding or SLOT): one cold compile "
+                "fewer; TTT's step is compiled")
     final_evals(a, ctx, model, val, results, header["label"])
     ctx.sync()
     took = round(ctx.all_reduce(torch.tensor(time.perf_counter() - t_eval, dtype=torch.float64, device=ctx.device),
