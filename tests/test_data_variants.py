@@ -342,3 +342,32 @@ def test_retokenize_fetches_the_documents_through_the_hub(hub, tmp_path):
     assert len(val) == 5
     r = run(args + ["--vocab-size", "512"], hub, tmp_path)
     assert r.returncode == 0 and "already built" in r.stdout, r.stderr
+
+
+def test_a_variant_fetches_the_shards_a_record_run_reads_unless_told(tmp_path, monkeypatch, capsys):
+    """Without --train-shards, a variant's download plans RUN_SHARDS (40) train shards, or all that the manifest
+    lists if fewer; --train-shards overrides it."""
+    sys.path.insert(0, str(ROOT / "data"))
+    import download_fineweb as dl
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"datasets": [{"name": "fineweb10B_v", "tokenizer_name": "t",
+                                                  "stats": {"files_val": 1, "files_train": 120}}],
+                                    "tokenizers": [{"name": "t", "model_path": "tokenizers/t.model"}]}))
+
+    class Hub:
+        repo = "x/y"
+
+        def fetch(self, path):
+            return manifest
+
+        def exists(self, path):
+            return False
+
+    def trains(n):
+        files = dl.plan(Hub(), "v", n, tmp_path / "out")[0]
+        return len([r for r, _ in files if "fineweb_train_" in r])
+
+    assert dl.RUN_SHARDS == 40 and trains(None) == 40 and trains(7) == 7 and trains(120) == 120
+    assert "train shards: 40 of the 120 listed" in capsys.readouterr().out
+    monkeypatch.setattr(dl, "RUN_SHARDS", 500)
+    assert trains(None) == 120  # never more than the manifest lists
