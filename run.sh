@@ -1,14 +1,55 @@
 #!/usr/bin/env bash
 # Entry points: smoke | record [SEED] | record-frontier [SEED] | rehearse [SEED] | eval ARTIFACT | sweep ARTIFACT |
-# data [N | ARGS] | test | bench | package NAME RUN_ID...
+# data [N | ARGS] | gpu-setup | test | bench | package NAME RUN_ID...
 set -euo pipefail
 cd "$(dirname "$0")"
 
-ensure_deps() {  # a fresh machine: install what requirements.txt names, once; an installed torch >= 2.11 stays
-  local pin=()
-  python -c "import torch" 2>/dev/null || pin=(torch==2.13.0)  # the version CI tests (as .ci/run)
+driver_cuda() {  # the newest CUDA the driver supports, from nvidia-smi's banner ("CUDA Version: 12.8"); empty: no GPU
+  (nvidia-smi 2>/dev/null || true) | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' | head -n 1
+}
+
+older() {  # version $1 < version $2 (major.minor)
+  [ "$1" != "$2" ] && [ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | head -n 1)" = "$1" ]
+}
+
+ensure_deps() {  # install what requirements.txt names, once; an installed torch >= 2.11 stays, a CUDA one never moves
+  local pin=() driver tcuda
+  driver=$(driver_cuda)
+  if python -c "import torch" 2>/dev/null; then
+    tcuda=$(python -c "import torch; print(torch.version.cuda or '')")
+    if [ -n "$driver" ] && [ -n "$tcuda" ] && older "$driver" "$tcuda"; then
+      echo "error: torch $(python -c 'import torch; print(torch.__version__)') is built for CUDA $tcuda but this" \
+        "driver supports CUDA $driver at most, so torch would see no GPU; fix: upgrade the driver, or install a" \
+        "torch built for CUDA <= $driver (docs/gpu-box.md); run.sh never replaces an installed torch" >&2
+      return 2
+    fi
+  else
+    pin=(torch==2.13.0)  # the version CI tests (as .ci/run); on a GPU box, the CUDA build that its driver runs
+    if [ -n "$driver" ]; then
+      local cu
+      for cu in 13.0 12.8 12.6; do older "$driver" "$cu" || break; done
+      if older "$driver" "$cu"; then
+        echo "error: the driver supports CUDA $driver, older than 12.6, the oldest CUDA of the torch wheels" \
+          "run.sh installs; fix: upgrade the driver, or install a torch >= 2.11 for it yourself (docs/gpu-box.md)" >&2
+        return 2
+      fi
+      echo "ensure_deps: torch 2.13.0 for CUDA $cu (the driver supports CUDA $driver)"
+      python -m pip install -q --index-url "https://download.pytorch.org/whl/cu${cu/./}" "${pin[@]}"
+    fi
+  fi
   python -c "import torch, numpy, sentencepiece, pytest, huggingface_hub" 2>/dev/null \
     || python -m pip install -q "${pin[@]}" -r requirements.txt
+}
+
+attention_kernel() {  # which attention kernel train_gpt.py will take, and what the fallback costs
+  if python -c "import flash_attn_interface" 2>/dev/null; then
+    echo "attention: flash-attn 3 (flash_attn_interface) will run"
+  elif python -c "import flash_attn" 2>/dev/null; then
+    echo "attention: flash-attn 2 will run (flash-attn 3 is faster on H100: bash run.sh gpu-setup)"
+  else
+    echo "attention: no flash-attn, PyTorch SDPA will run (estimated 15-20 % slower training, not measured here;" \
+      "bash run.sh gpu-setup builds flash-attn 3)"
+  fi
 }
 
 gpus() {  # torch's GPU count; refuses a GPU box whose GPUs torch cannot see, rather than train on its CPU for hours
@@ -72,7 +113,9 @@ preflight() {  # every phase of the run at toy size, same launcher and settings 
   exit 2
 }
 
-record_run() {  # preflight, then the real run: SEED and RUN_ID from the arguments
+record_run() {  # the install check, preflight, then the real run: SEED and RUN_ID from the arguments
+  ensure_deps
+  [ -z "$(driver_cuda)" ] || attention_kernel
   preflight "$2"
   SEED=$1 RUN_ID=$2 launch
 }
@@ -176,6 +219,23 @@ case "$cmd" in
     for arg in "$@"; do case "$arg" in --vocab-size*) script=data/retokenize.py ;; esac; done
     python "$script" "$@"
     ;;
+  gpu-setup)  # flash-attn 3 built for what train_gpt.py calls: SM90, bf16, head dim 64, forward + backward, varlen
+    ensure_deps
+    [ -n "$(driver_cuda)" ] || { echo "error: gpu-setup needs an NVIDIA GPU (nvidia-smi found none)" >&2; exit 2; }
+    if ! python -c "import flash_attn_interface" 2>/dev/null; then
+      python -m pip install -q ninja packaging
+      src=${FA_SRC:-/tmp/flash-attention}
+      [ -d "$src" ] || git clone --depth 1 https://github.com/Dao-AILab/flash-attention "$src"
+      # every variant this script never calls is left out (a full build compiles hundreds of kernels)
+      (cd "$src/hopper" && export FLASH_ATTENTION_FORCE_BUILD=TRUE FLASH_ATTENTION_DISABLE_SM80=TRUE \
+        FLASH_ATTENTION_DISABLE_FP16=TRUE FLASH_ATTENTION_DISABLE_FP8=TRUE FLASH_ATTENTION_DISABLE_HDIM96=TRUE \
+        FLASH_ATTENTION_DISABLE_HDIM128=TRUE FLASH_ATTENTION_DISABLE_HDIM192=TRUE FLASH_ATTENTION_DISABLE_HDIM256=TRUE \
+        FLASH_ATTENTION_DISABLE_PAGEDKV=TRUE FLASH_ATTENTION_DISABLE_APPENDKV=TRUE FLASH_ATTENTION_DISABLE_SOFTCAP=TRUE \
+        FLASH_ATTENTION_DISABLE_LOCAL=TRUE FLASH_ATTENTION_DISABLE_SPLIT=TRUE FLASH_ATTENTION_DISABLE_PACKGQA=TRUE \
+        MAX_JOBS=${MAX_JOBS:-16} && python setup.py install)
+    fi
+    attention_kernel
+    ;;
   test)
     ensure_deps
     python -m pytest -q tests
@@ -186,7 +246,7 @@ case "$cmd" in
     ;;
   *)
     echo "usage: bash run.sh smoke | record [SEED] | record-frontier [SEED] | rehearse [SEED] | eval ARTIFACT |" \
-      "sweep ARTIFACT | data [N | ARGS] | test | bench [--ablate ...] | package NAME RUN_ID..." >&2
+      "sweep ARTIFACT | data [N | ARGS] | gpu-setup | test | bench [--ablate ...] | package NAME RUN_ID..." >&2
     exit 2
     ;;
 esac

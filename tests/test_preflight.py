@@ -56,3 +56,26 @@ def test_gpu_box_whose_gpus_torch_cannot_see_is_refused(tmp_path, corpus):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: nvidia-smi lists 2 GPU(s) but torch ") and "fix:" in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and not log_dir.exists(), proc.stderr
+
+
+def test_a_torch_built_for_a_newer_cuda_than_the_driver_is_refused_and_never_replaced(tmp_path):
+    """nvidia-smi's banner says the driver supports CUDA 12.4; the installed torch (a stand-in module) is built for
+    12.8: `record` stops with one error line naming both, before any run or pip, and changes no package."""
+    bin_dir, fake = tmp_path / "bin", tmp_path / "site" / "torch"
+    bin_dir.mkdir()
+    fake.mkdir(parents=True)
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nif [ \"$1\" = -L ]; then echo 'GPU 0: NVIDIA H100 (UUID: GPU-0)'; "
+                                        "else echo '| NVIDIA-SMI 550.54   Driver Version: 550.54   CUDA Version: 12.4 "
+                                        "|'; fi\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    (bin_dir / "pip").write_text("#!/bin/sh\necho pip was called >&2; exit 9\n")
+    (bin_dir / "pip").chmod(0o755)
+    (fake / "__init__.py").write_text("import types\n__version__ = '2.11.0+cu128'\nversion = types.SimpleNamespace("
+                                      "cuda='12.8')\n")
+    proc, log_dir = record(tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(tmp_path / "site"))
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: torch 2.11.0+cu128 is built for CUDA 12.8 but this driver "
+                                               "supports CUDA 12.4 at most") and "fix:" in err[0], proc.stderr
+    assert "never replaces an installed torch" in err[0] and "pip was called" not in proc.stderr
+    assert not log_dir.exists() and "preflight:" not in proc.stdout
