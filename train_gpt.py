@@ -1812,7 +1812,8 @@ def read_artifact(path, check_model=True):
 
 @contextlib.contextmanager
 def exact_fp32():
-    """TF32 off: GPTQ's Hessians and Cholesky factors in true fp32, as the reference GPTQ computes them."""
+    """TF32 off: GPTQ's Hessians and Cholesky factors, and every eval's scoring logits (and SLOT's fit), in true fp32
+    as stated (the run turns TF32 on for training; bf16 autocast matmuls are unaffected)."""
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -2216,6 +2217,7 @@ def ttt_desc(p):
 
 LEGAL = ("ttt", "slot_causal", "sliding", "roundtrip")  # score-first; slot_scored fits the targets it then scores
 
+@exact_fp32()
 def final_evals(a, ctx, model, val, results, label):
     """Round trip on plain windows, then ONE hidden-state pass per stride that serves sliding scoring and SLOT
     (or every grid point of a sweep), then TTT (or its sweep, in the same table). Fills results[name] =
@@ -2301,7 +2303,8 @@ def on_main(ctx, fn):
 def error_text(e):
     """The text of the one `error:` line for a ConfigError, an OSError (any file read or written) or an interrupt."""
     if isinstance(e, KeyboardInterrupt):
-        return "interrupted (Ctrl-C or SIGTERM); files already written are complete; fix: run again with a new RUN_ID"
+        return ("interrupted (Ctrl-C or SIGTERM); files already written are complete; fix: run again (this RUN_ID is "
+                "free again: its log ends with this line)")
     if isinstance(e, OSError):
         e = (f"{e.filename or 'a file'}: {e.strerror or e} ({type(e).__name__}); fix: check that path (it or its "
              "folder must exist and be readable or writable) and the free disk space")
@@ -2416,7 +2419,8 @@ def run(a, ctx, run_id, code_bytes):
             raise ConfigError(f"artifact {a.artifact}: code + model = {total} bytes exceeds SIZE_LIMIT_BYTES="
                               f"{a.size_limit_bytes}; fix: set TARGET_BYTES at or below the limit so that pruning "
                               "fits it, or shrink the model")
-        results["prequant"] = evaluate(ctx, model, val, L, L, a.eval_batch, label="prequant eval")[0]
+        with exact_fp32():
+            results["prequant"] = evaluate(ctx, model, val, L, L, a.eval_batch, label="prequant eval")[0]
         ctx.log(f"final_prequant_exact val_loss:{results['prequant'][0]:.8f} val_bpb:{results['prequant'][1]:.8f}")
         del model
     t_eval = time.perf_counter()  # the evaluation as a submission runs it: from the artifact to the last score

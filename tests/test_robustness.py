@@ -90,7 +90,7 @@ SETTINGS_CASES = {
 @pytest.mark.parametrize("case", list(SETTINGS_CASES))
 def test_settings_class(case):
     env, names = SETTINGS_CASES[case]
-    t = time.perf_counter()
+    t = time.process_time()
     if names is None:
         a = tg.Settings(env)
         for k, v in env.items():
@@ -98,7 +98,7 @@ def test_settings_class(case):
                 assert str(getattr(a, k.lower())) == v
     else:
         one_line_error(lambda: tg.Settings(env), *names)
-    assert time.perf_counter() - t < 1.0  # checked by arithmetic, before anything is allocated
+    assert time.process_time() - t < 1.0  # checked by arithmetic, before anything is allocated (CPU time: load-proof)
 
 
 @pytest.mark.parametrize("extra", [{}, {"TIE_EMBEDDINGS": "0", "SKIP_GATED": "1", "SMEAR_ENABLED": "0"},
@@ -183,7 +183,7 @@ def test_data_class(data_dirs, case):
         fn()
     else:
         one_line_error(fn, *names)
-    assert time.perf_counter() - t < 5.0  # a FIFO is never opened
+    assert time.perf_counter() - t < 30.0  # a FIFO is never opened (opening one would block for ever: a generous bound)
 
 
 # ----------------------------------------------------------------------------- 3. artifacts
