@@ -328,6 +328,10 @@ class Settings:
         need(self.train_batch_tokens % per_step == 0, "TRAIN_BATCH_TOKENS", f"not divisible by world {self.world_size}"
              f" x GRAD_ACCUM_STEPS {self.grad_accum_steps} x TRAIN_SEQ_LEN = {per_step}",
              f"use a multiple of {per_step}")
+        variants = (1 + (self.num_loops > 0)) * (1 + (self.late_qat_threshold > 0))  # the graphs warm-up compiles
+        need(not (self.compile and torch.cuda.is_available()) or self.warmup_steps >= variants, "WARMUP_STEPS",
+             f"{self.warmup_steps} is below the {variants} compile variants (loop x late QAT): one would compile in the "
+             "timed run", f"set WARMUP_STEPS >= {variants}")
         need(self.val_tokens != 1, "VAL_TOKENS", "one token has no target to score", "use 0 (all) or >= 2")
         need(self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", f"exceeds EVAL_SEQ_LEN={self.eval_seq_len}",
              "use a stride <= EVAL_SEQ_LEN")

@@ -664,3 +664,12 @@ def test_failed_run_logs_its_error_and_its_run_id_stays_free(fault_env, tmp_path
     one_line_error(lambda: open_run_case({**env, "RUN_ID": "half"}), "half.prequant.pgz")
     (tmp_path / "busy.txt").write_text("step:1/2 train_loss:5.0\n")
     one_line_error(lambda: open_run_case({**env, "RUN_ID": "busy"}), "busy.txt", "delete")
+
+
+def test_warmup_covers_every_compile_variant(monkeypatch):
+    """On CUDA with compile on, loop x late QAT make up to 4 graphs: fewer warm-up steps would compile one in the
+    timed run (the default, 20, and the record-frontier's loop without late QAT, 2 variants, pass)."""
+    monkeypatch.setattr(tg.torch.cuda, "is_available", lambda: True)
+    one_line_error(lambda: tg.Settings({"WARMUP_STEPS": "3", "NUM_LOOPS": "1"}), "WARMUP_STEPS", "4 compile variants")
+    assert tg.Settings({"WARMUP_STEPS": "2", "NUM_LOOPS": "1", "LATE_QAT_THRESHOLD": "0"}).warmup_steps == 2
+    assert tg.Settings({"WARMUP_STEPS": "1", "COMPILE": "0", "NUM_LOOPS": "1"}).warmup_steps == 1
