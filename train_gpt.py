@@ -1866,11 +1866,18 @@ def export(a, ctx, state, hessians, code_bytes):
     config = a.arch()
     size = {c: lambda ts, c=c: code_bytes + len(encode_artifact(ts, c, "int6", config)) for c in (best, fast)}
     blob = encode_artifact(tensors, best, "int6", config, payloads[best])  # no second compression of the winner
-    if a.target_bytes and code_bytes + len(blob) > a.target_bytes:
+    if pruned := a.target_bytes and code_bytes + len(blob) > a.target_bytes:
         tensors = prune_ones(tensors, hdiag, size[fast], size[best], a.target_bytes, ctx.log)
         blob = encode_artifact(tensors, best, "int6", config)
     Path(a.artifact).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(a.artifact, blob)
+    if pruned:  # the pruned encode was never decoded: check the file as written
+        back = read_artifact(a.artifact)[1]
+        if sorted(back) != sorted(k for k, *_ in tensors) or any(
+                back[k].tobytes() != np.ascontiguousarray(v).tobytes() for k, _, v in tensors):
+            raise ConfigError(f"artifact {a.artifact}: the written file does not decode to the exported tensors; "
+                              f"fix: report it, or set CODECS to a codec other than {best}")
+        ctx.log("prune_decode: exact:1 (the written artifact decodes to the pruned tensors)")
     ctx.log(f"artifact_path: {a.artifact}")
     ctx.log(f"export: {time.perf_counter() - t0:.1f}s (GPTQ, codecs, pruning, write; rank 0 while the others wait)")
     return len(blob)
