@@ -331,6 +331,10 @@ class Settings:
         need(self.train_batch_tokens % per_step == 0, "TRAIN_BATCH_TOKENS", f"not divisible by world {self.world_size}"
              f" x GRAD_ACCUM_STEPS {self.grad_accum_steps} x TRAIN_SEQ_LEN = {per_step}",
              f"use a multiple of {per_step}")
+        variants = (1 + (self.num_loops > 0)) * (1 + (self.late_qat_threshold > 0))  # the graphs warm-up compiles
+        need(not (self.compile and torch.cuda.is_available()) or self.warmup_steps >= variants, "WARMUP_STEPS",
+             f"{self.warmup_steps} is below the {variants} compile variants (loop x late QAT): one would compile in the "
+             "timed run", f"set WARMUP_STEPS >= {variants}")
         need(self.val_tokens != 1, "VAL_TOKENS", "one token has no target to score", "use 0 (all) or >= 2")
         need(self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", f"exceeds EVAL_SEQ_LEN={self.eval_seq_len}",
              "use a stride <= EVAL_SEQ_LEN")
@@ -1841,7 +1845,8 @@ def read_artifact(path, check_model=True):
 
 @contextlib.contextmanager
 def exact_fp32():
-    """TF32 off: GPTQ's Hessians and Cholesky factors in true fp32, as the reference GPTQ computes them."""
+    """TF32 off: GPTQ's Hessians and Cholesky factors, and every eval's scoring logits (and SLOT's fit), in true fp32
+    as stated (the run turns TF32 on for training; bf16 autocast matmuls are unaffected)."""
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -1890,11 +1895,18 @@ def export(a, ctx, state, hessians, code_bytes):
     config = a.arch()
     size = {c: lambda ts, c=c: code_bytes + len(encode_artifact(ts, c, "int6", config)) for c in (best, fast)}
     blob = encode_artifact(tensors, best, "int6", config, payloads[best])  # no second compression of the winner
-    if a.target_bytes and code_bytes + len(blob) > a.target_bytes:
+    if pruned := a.target_bytes and code_bytes + len(blob) > a.target_bytes:
         tensors = prune_ones(tensors, hdiag, size[fast], size[best], a.target_bytes, ctx.log)
         blob = encode_artifact(tensors, best, "int6", config)
     Path(a.artifact).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(a.artifact, blob)
+    if pruned:  # the pruned encode was never decoded: check the file as written
+        back = read_artifact(a.artifact)[1]
+        if sorted(back) != sorted(k for k, *_ in tensors) or any(
+                back[k].tobytes() != np.ascontiguousarray(v).tobytes() for k, _, v in tensors):
+            raise ConfigError(f"artifact {a.artifact}: the written file does not decode to the exported tensors; "
+                              f"fix: report it, or set CODECS to a codec other than {best}")
+        ctx.log("prune_decode: exact:1 (the written artifact decodes to the pruned tensors)")
     ctx.log(f"artifact_path: {a.artifact}")
     ctx.log(f"export: {time.perf_counter() - t0:.1f}s (GPTQ, codecs, pruning, write; rank 0 while the others wait)")
     return len(blob)
@@ -2317,6 +2329,7 @@ def ttt_desc(p):
 
 LEGAL = ("ttt", "slot_causal", "sliding", "roundtrip")  # score-first; slot_scored fits the targets it then scores
 
+@exact_fp32()
 def final_evals(a, ctx, model, val, results, label):
     """Round trip on plain windows, then ONE hidden-state pass per stride that serves sliding scoring and SLOT
     (or every grid point of a sweep), then TTT (or its sweep, in the same table). Fills results[name] =
@@ -2402,7 +2415,8 @@ def on_main(ctx, fn):
 def error_text(e):
     """The text of the one `error:` line for a ConfigError, an OSError (any file read or written) or an interrupt."""
     if isinstance(e, KeyboardInterrupt):
-        return "interrupted (Ctrl-C or SIGTERM); files already written are complete; fix: run again with a new RUN_ID"
+        return ("interrupted (Ctrl-C or SIGTERM); files already written are complete; fix: run again (this RUN_ID is "
+                "free again: its log ends with this line)")
     if isinstance(e, OSError):
         e = (f"{e.filename or 'a file'}: {e.strerror or e} ({type(e).__name__}); fix: check that path (it or its "
              "folder must exist and be readable or writable) and the free disk space")
@@ -2519,7 +2533,8 @@ def run(a, ctx, run_id, code_bytes):
             raise ConfigError(f"artifact {a.artifact}: code + model = {total} bytes exceeds SIZE_LIMIT_BYTES="
                               f"{a.size_limit_bytes}; fix: set TARGET_BYTES at or below the limit so that pruning "
                               "fits it, or shrink the model")
-        results["prequant"] = evaluate(ctx, model, val, L, L, a.eval_batch, label="prequant eval")[0]
+        with exact_fp32():
+            results["prequant"] = evaluate(ctx, model, val, L, L, a.eval_batch, label="prequant eval")[0]
         ctx.log(f"final_prequant_exact val_loss:{results['prequant'][0]:.8f} val_bpb:{results['prequant'][1]:.8f}")
         del model
     t_eval = time.perf_counter()  # the evaluation as a submission runs it: from the artifact to the last score

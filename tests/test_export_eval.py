@@ -538,6 +538,7 @@ def test_target_bytes_prunes_to_fit(size_runs):
     assert code + model == total <= target
     assert artifact_path(pruned.stdout).stat().st_size == model
     assert "final_int6_roundtrip_exact" in pruned.stdout
+    assert "prune_decode: exact:1 " in pruned.stdout and "prune_decode" not in over.stdout  # the pruned file decoded
     # against the unpruned artifact of run 1 (same seed, same quantisation): only +-1 values became 0
     _, full = tg.read_artifact(artifact_path(over.stdout))
     _, cut = tg.read_artifact(artifact_path(pruned.stdout))

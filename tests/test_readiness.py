@@ -157,6 +157,22 @@ def test_sliding_and_slot_share_one_hidden_pass(tiny):
     assert results["slot_scored"][:2] == pytest.approx(alone[1][:2], rel=1e-12)
 
 
+def test_every_eval_scores_in_true_fp32(tiny, monkeypatch):
+    """The run turns TF32 on for training: inside every scoring call (round trip, sliding, SLOT, TTT) it is off,
+    and on again after the evals."""
+    model, val = tiny
+    a = settings(EVAL_SEQ_LEN=64, EVAL_STRIDE=32, SLOT_BATCH=8, EVAL_BATCH=8, SLOT_STEPS=1, TTT_ENABLED=1,
+                 TTT_LORA_RANK=2, TTT_CHUNK_SIZE=32, TTT_BATCH_SIZE=2, TTT_EVAL_SEQ_LEN=64, PHASED_TTT_NUM_PHASES=1)
+    seen, real = [], tg.softcap_logits
+    monkeypatch.setattr(tg, "softcap_logits", lambda *x, **k: seen.append(
+        (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())) or real(*x, **k))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    results = {}
+    tg.final_evals(a, CountingCtx(), model, val, results, "int6")
+    assert set(results) == {"roundtrip", "sliding", "slot_scored", "ttt"} and len(seen) > 4
+    assert set(seen) == {(False, "highest")} and torch.backends.cuda.matmul.allow_tf32
+
+
 # ----------------------------------------------------------------------------- item 6: causal SLOT
 
 
