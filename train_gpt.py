@@ -1372,9 +1372,11 @@ def self_generate(ctx, model, n_seqs, seq_len, temperature, seed):
         seq = torch.cat([seq, torch.multinomial(p, 1, generator=gen)], dim=1)
     return seq
 
-def quantize_state(state, hessians, a):
+def quantize_state(state, hessians, a, log=lambda msg: None):
     """Returns [(key, kind, np.ndarray)] for the artifact and, per GPTQ'd tensor, its H diagonal (pruning cost).
-    With LQER_RANK, the LQER_TOP_K int tensors of largest ||W - W_q||_F also store their error's low-rank factors."""
+    With LQER_RANK, the LQER_TOP_K GPTQ'd matrices of largest ||W - W_q||_F are candidates for the low-rank factors
+    of their error E; a factor is kept only where it lowers the activation-weighted error on the calibration
+    inputs, ||X (E - AB)^T||^2 = tr((E - AB) H (E - AB)^T) < tr(E H E^T), H = X^T X (each logged)."""
     c, tensors, hdiag, err = a.arch(), [], {}, {}
     for name, t in state.items():
         kind = quant_kind(name, t, c)
@@ -1387,7 +1389,8 @@ def quantize_state(state, hessians, a):
                 hdiag[name] = hessians[name].diag().float().cpu()
             else:
                 q, s = quantize_rows(t, qmax)
-            err[name] = (t.float() - q.float() * s.float()[:, None]).norm().item()
+            if name in hdiag:  # LQER ranks GPTQ'd matrices only (not int8 tables or gates)
+                err[name] = (t.float() - q.float() * s.float()[:, None]).norm().item()
             tensors += [(name + "#q", kind, q.cpu().numpy()), (name + "#scale", "fp16", s.cpu().numpy())]
         else:
             tensors.append((name, kind, t.detach().float().cpu().numpy().astype(np.float16 if kind == "fp16"
@@ -1395,7 +1398,14 @@ def quantize_state(state, hessians, a):
     arrays = {k: x for k, _, x in tensors}
     for name in sorted(err, key=err.get, reverse=True)[:a.lqer_top_k] if a.lqer_rank else []:
         E = state[name].float().cpu() - torch.from_numpy(dequantize_one(arrays, name))
-        tensors += lqer_factors(name, E, a.lqer_rank)
+        factors = lqer_factors(name, E, a.lqer_rank)
+        R = E - torch.from_numpy(dequantize_one({**arrays, **{k: x for k, _, x in factors}}, name) -
+                                 dequantize_one(arrays, name))
+        H = hessians[name].double().cpu()
+        before, after = ((M.double() @ H * M.double()).sum().item() for M in (E, R))
+        keep = after < before
+        log(f"lqer: {name} {'kept' if keep else 'dropped'} activation-weighted error {before:.4g} -> {after:.4g}")
+        tensors += factors if keep else []
     return tensors, hdiag
 
 def lqer_factors(name, E, rank):
@@ -1858,7 +1868,7 @@ def export(a, ctx, state, hessians, code_bytes):
     """Quantises, measures every codec, keeps the smallest bit-exact one, prunes to TARGET_BYTES, writes ARTIFACT.
     Rank 0 only; returns the model byte count."""
     t0 = time.perf_counter()
-    tensors, hdiag = quantize_state(state, hessians, a)
+    tensors, hdiag = quantize_state(state, hessians, a, ctx.log)
     lqer = sorted(k[:-4] for k, *_ in tensors if k.endswith("#lqa"))
     ctx.log(f"gptq: {len(hdiag)} matrices in {time.perf_counter() - t0:.1f}s (bits attn:{a.attn_bits} mlp:{a.mlp_bits} "
             f"embed:{a.embed_bits}) lqer:{','.join(lqer) or 'off'}")

@@ -221,6 +221,34 @@ def test_lqer_lowers_the_held_out_error_and_is_applied_on_load(tmp_path):
     assert np.array_equal(tg.dequantize(arrays)[bottom].double().numpy(), plain[bottom])
 
 
+def test_lqer_keeps_a_factor_only_where_it_lowers_the_activation_weighted_error():
+    """Candidates are GPTQ'd matrices only; a factor is kept when ||X (E - AB)^T|| < ||X E^T|| on the calibration
+    inputs (checked here with X itself, not H), and dropped where the inputs never touch the columns it corrects;
+    each decision is logged with both errors."""
+    Ws, xs = {}, {}
+    for i, name in enumerate(["blocks.0.attn.q.weight", "blocks.1.attn.q.weight"]):
+        W, x_cal, _ = layer(20 + i, n_in=128, n_out=96)
+        W[:, 7] += 0.6  # outliers in column 7: a low-rank error after the std clip
+        Ws[name], xs[name] = W, x_cal
+    xs["blocks.1.attn.q.weight"][:, 7:] = 0  # these inputs reach columns 0..6 alone, where the factor is ~0
+    H = {n: x.T @ x for n, x in xs.items()}
+    lines = []
+    tensors, _ = tg.quantize_state(Ws, H, tg.Settings({"ATTN_CLIP_SIGMAS": "4", "LQER_RANK": "1",
+                                                       "LQER_TOP_K": "2"}), lines.append)
+    arrays = {k: v for k, _, v in tensors}
+    assert sorted(k[:-4] for k in arrays if k.endswith("#lqa")) == ["blocks.0.attn.q.weight"]
+    for n, x in xs.items():
+        plain = arrays[n + "#q"].astype(np.float64) * arrays[n + "#scale"].astype(np.float64)[:, None]
+        E = Ws[n].double().numpy() - plain
+        qa, qb, sa, sb = (tg.lqer_factors(n, torch.from_numpy(E).float(), 1)[i][2] for i in range(4))
+        AB = (qa * sa.astype(np.float64)) @ (qb.reshape(1, 2, 64) * sb.astype(np.float64)[..., None]).reshape(1, 128)
+        before, after = (np.linalg.norm(x.double().numpy() @ M.T) ** 2 for M in (E, E - AB))
+        line = next(x for x in lines if x.startswith(f"lqer: {n} "))
+        assert line == (f"lqer: {n} {'kept' if after < before else 'dropped'} activation-weighted error "
+                        f"{before:.4g} -> {after:.4g}")
+    assert [x.split()[2] for x in lines] == ["kept", "dropped"] or [x.split()[2] for x in lines] == ["dropped", "kept"]
+
+
 # ----------------------------------------------------------------------------- layout
 
 
