@@ -13,14 +13,17 @@ older() {  # version $1 < version $2 (major.minor)
 }
 
 ensure_deps() {  # install what requirements.txt names, once; an installed torch >= 2.11 stays, a CUDA one never moves
-  local pin=() driver tcuda
+  local pin=() driver probe tcuda tver
   driver=$(driver_cuda)
-  if python -c "import torch" 2>/dev/null; then
-    tcuda=$(python -c "import torch; print(torch.version.cuda or '')")
-    if [ -n "$driver" ] && [ -n "$tcuda" ] && older "$driver" "$tcuda"; then
-      echo "error: torch $(python -c 'import torch; print(torch.__version__)') is built for CUDA $tcuda but this" \
-        "driver supports CUDA $driver at most, so torch would see no GPU; fix: upgrade the driver, or install a" \
-        "torch built for CUDA <= $driver (docs/gpu-box.md); run.sh never replaces an installed torch" >&2
+  # one interpreter start: "<torch's CUDA or cpu> <torch version>", then "deps" when the rest imports too
+  probe=$(python -c "import torch; print(torch.version.cuda or 'cpu', torch.__version__)
+import numpy, sentencepiece, pytest, huggingface_hub; print('deps')" 2>/dev/null || true)
+  read -r tcuda tver <<<"${probe%%$'\n'*}" || true
+  if [ -n "$tver" ]; then
+    if [ -n "$driver" ] && [ "$tcuda" != cpu ] && older "$driver" "$tcuda"; then
+      echo "error: torch $tver is built for CUDA $tcuda but this driver supports CUDA $driver at most, so torch" \
+        "would see no GPU; fix: upgrade the driver, or install a torch built for CUDA <= $driver" \
+        "(docs/gpu-box.md); run.sh never replaces an installed torch" >&2
       return 2
     fi
   else
@@ -37,8 +40,7 @@ ensure_deps() {  # install what requirements.txt names, once; an installed torch
       python -m pip install -q --index-url "https://download.pytorch.org/whl/cu${cu/./}" "${pin[@]}"
     fi
   fi
-  python -c "import torch, numpy, sentencepiece, pytest, huggingface_hub" 2>/dev/null \
-    || python -m pip install -q "${pin[@]}" -r requirements.txt
+  [[ "$probe" == *deps ]] || python -m pip install -q "${pin[@]}" -r requirements.txt
 }
 
 attention_kernel() {  # which attention kernel train_gpt.py will take, and what the fallback costs
