@@ -2232,13 +2232,20 @@ def global_sgd(ctx, model, val, scored, p):
     model.requires_grad_(False)
 
 class Shared:
-    """Counters every rank sees at once: the process group's store (TCP) across ranks, a dict in one process. Keys
-    carry the eval's sequence number, so a sweep's evals never share one."""
+    """Counters every rank sees at once: the process group's store (TCP) across ranks, a dict in one process (where
+    a rank of a world without a process group, as the bench traces one, takes every world-th batch). Keys carry the
+    eval's sequence number, so a sweep's evals never share one."""
     calls = itertools.count()
 
     def __init__(self, ctx):
-        self.store = dist.distributed_c10d._get_default_store() if ctx.world > 1 else None
-        self.tag, self.local = f"ttt{next(Shared.calls)}/", {}
+        self.store = dist.distributed_c10d._get_default_store() if ctx.world > 1 and dist.is_initialized() else None
+        self.tag, self.local, self.rank, self.world = f"ttt{next(Shared.calls)}/", {}, ctx.rank, ctx.world
+
+    def next_batch(self, phase):  # the index of the next batch of the phase that no rank has taken
+        if self.store is not None:
+            return self.add(f"batch{phase}") - 1
+        j = self.local[phase] = self.local.get(phase, self.rank - self.world) + self.world
+        return j
 
     def add(self, key, n=1):  # the value after adding n
         if self.store is not None:
@@ -2270,7 +2277,7 @@ def ttt_evaluate(ctx, model, val, p, on_scored=None, label="TTT eval", compiled=
     nll_fn = compile_fn(ttt_nll, "ttt_nll", 1) if compiled else ttt_nll  # dynamic dims: one graph for all batches
     margin = 2.0 + 0.02 * ctx.budget  # the reductions, the last logs and submission.json, and the estimates' error
     spent = {True: [0.0, 0], False: [0.0, 0]}  # adapted / unadapted batches after the first: seconds, window tokens
-    n_batches, adapting, skipped, projected, first, n_first = 0, True, 0, False, 0.0, 0
+    n_batches, adapting, skipped, first, n_first = 0, True, 0, 0.0, 0
 
     def rate(adapt):  # seconds per window token; scoring alone is taken as half an adapted step until measured
         sec, n = spent[adapt]
@@ -2279,10 +2286,18 @@ def ttt_evaluate(ctx, model, val, p, on_scored=None, label="TTT eval", compiled=
     def affordable(cost, rest):  # `cost` more seconds of adapting still leaves time to score `rest` unadapted
         return deadline is None or ctx.clock() + cost + rate(False) * rest / ctx.world + margin <= deadline
 
+    def project():
+        if not n_batches:  # the other ranks took every batch
+            return ctx.log(f"ttt_projected: {label} no batch ran on this rank")
+        proj = first + rate(True) * max(total - n_first, 0)
+        ctx.log(f"ttt_projected: {label} {proj:.0f}s for {total:.0f} window tokens a rank (first batch {first:.1f}s, "
+                f"then {spent[True][1]} in {spent[True][0]:.1f}s; global steps not included)"
+                + (" warning: over the evaluation budget" if proj > ctx.budget else ""))
+
     model.requires_grad_(False)
     try:
         for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-            while (j := shared.add(f"batch{k}") - 1) * B < hi - lo:  # the next batch of this phase, any rank's
+            while (j := shared.next_batch(k)) * B < hi - lo:  # the next batch of this phase, any rank's
                 mine = order[lo + j * B:min(lo + (j + 1) * B, hi)]
                 n = int(work[mine].sum())
                 rest = int(work.sum()) - shared.add("taken", n)
@@ -2305,11 +2320,8 @@ def ttt_evaluate(ctx, model, val, p, on_scored=None, label="TTT eval", compiled=
                 else:
                     spent[adapting][0] += ctx.clock() - t
                     spent[adapting][1] += n
-                if n_batches == 4 or (not projected and rest == 0):
-                    projected, proj = True, first + rate(True) * max(total - n_first, 0)
-                    ctx.log(f"ttt_projected: {label} {proj:.0f}s for {total:.0f} window tokens a rank (first batch "
-                            f"{first:.1f}s, then {spent[True][1]} in {spent[True][0]:.1f}s; global steps not included)"
-                            + (" warning: over the evaluation budget" if proj > ctx.budget else ""))
+                if n_batches == 4:
+                    project()
             if k + 1 < len(bounds) - 1:  # a boundary: the base learns from every document scored so far
                 scored = docs[order[:bounds[k + 1]]]
                 go = adapting and affordable(rate(True) * scored[:, 1].sum() * p["global_epochs"],
@@ -2324,6 +2336,8 @@ def ttt_evaluate(ctx, model, val, p, on_scored=None, label="TTT eval", compiled=
             for q, s in zip(model.parameters(), saved):
                 q.copy_(s)
         model.requires_grad_(False)
+    if n_batches < 4:  # a rank of few batches projects from what it ran
+        project()
     ctx.all_reduce(sums)
     ctx.sync()
     s = sums.tolist()

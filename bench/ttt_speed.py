@@ -43,8 +43,8 @@ bytes are exactly quadratic in the window T and affine in the live documents n (
 so the step is traced at n = 1, 2 and T = 64, 128, 192 and every (n, T) of the real schedule is evaluated exactly.
 
 The schedule is replayed as ttt_evaluate runs it: documents split at BOS; phase boundaries over the first
-PHASED_TTT_PREFIX_DOCS; per phase the documents longest first, dealt round-robin to the ranks, batches of
-TTT_BATCH_SIZE; per batch one step per chunk with its live count n (at least 2), training count nt and padded
+PHASED_TTT_PREFIX_DOCS; per phase the documents longest first in batches of TTT_BATCH_SIZE, which the ranks take
+from a shared counter (modelled as in turn); per batch one step per chunk with its live count n (at least 2), training count nt and padded
 window T. Ranks meet at every global phase, so each phase costs its slowest rank; the global SGD steps (full
 forward + backward of the base, document-masked attention, gradient all-reduce, SGD) are costed by the same tracer.
 Round trip and sliding are costed per batch of EVAL_BATCH windows from a traced evaluate() batch (hidden states of
@@ -143,12 +143,14 @@ def _rms_backward(ctx, g, _):
 rms_op.register_autograd(_rms_backward, setup_context=_rms_setup)
 ATTN = {torch.ops.ttt_speed.attn, torch.ops.ttt_speed.attn_bwd}
 
-def attention_standin(q, k, v, doc=None):
-    """causal_attention as CUDA runs it: one flash-style kernel; with doc, SDPA's masked kernel (no flash-attn on the
-    project's GPU box) with the block-diagonal mask train_gpt builds, FLOPs of the full T x T (no causal skipping)."""
-    if doc is None:
+def attention_standin(q, k, v, docs=None):
+    """causal_attention as CUDA runs it: one flash-style kernel; with docs (train_gpt.doc_segments), a masked kernel
+    over the block-diagonal mask of the segments (a bound for flash-attn's varlen kernel, or SDPA's without it),
+    FLOPs of the full T x T (no causal skipping)."""
+    if docs is None:
         return attn_op(q, k, v, True, None)
     T = q.size(1)
+    doc = docs[1].view(q.size(0), T)
     mask = (doc[:, None, :, None] == doc[:, None, None, :]) & torch.ones(T, T, dtype=torch.bool,
                                                                            device=q.device).tril()
     return attn_op(q, k, v, False, mask)
@@ -550,10 +552,9 @@ def replay(lens, p, world):
     phases, longest = [], np.argsort(-lens, kind="stable")
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         order = longest[lo:hi]
-        ranks = []
-        for r in range(world):
-            mine = order[r::world]
-            parts = [batch_steps(lens[mine[i:i + p["batch"]]], p) for i in range(0, len(mine), p["batch"])]
+        batches, ranks = [order[i:i + p["batch"]] for i in range(0, len(order), p["batch"])], []
+        for r in range(world):  # ranks take the next batch from a shared counter: in turn, when batches take alike
+            parts = [batch_steps(lens[b], p) for b in batches[r::world]]
             cat = [np.concatenate([q[j] for q in parts]) if parts else np.zeros(0, np.int64) for j in range(3)]
             ranks.append((*cat, len(parts)))
         phases.append(ranks)
@@ -834,7 +835,7 @@ def main():
                  "inductor fusion (docstring) of TTT's forward/backward and of the eval forward, the rest eager",
                  f"compiled, split: as compiled, each fused kernel of several ops launched {INDUCTOR_SPLIT} times "
                  "(inductor on this project's CPU split them so: --inductor-check)",
-                 f"phases cost their slowest rank; {W} ranks share documents round-robin, longest first",
+                 f"phases cost their slowest rank; {W} ranks take batches of the longest-first documents in turn",
                  f"compile warm-up {args.compile_s:.0f} s (the record's was 84-138 s); val load, artifact read and "
                  f"decompression, model build {args.load_s:.0f} s"):
         print("  " + line)

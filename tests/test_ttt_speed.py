@@ -111,6 +111,9 @@ def test_replay_is_the_schedule_ttt_evaluate_runs(monkeypatch, world):
     tokens = ts.doc_tokens(lens, 128)
     assert tg.documents(tokens)[:, 1].tolist() == lens
     phases, global_tokens = ts.replay(np.array(lens), p, world)
+    every = np.concatenate([np.stack(ph[r][:3], 1) for ph in phases for r in range(world)])
+    assert set(every[:, 2]) == {64, 128, 192} and (every[:, 1] == 0).any()  # capped windows; untrained chunks
+    assert ((every[:, 1] > 0) & (every[:, 1] < every[:, 0])).any()  # finished documents leave the optimiser
     real_nll, real_step = tg.ttt_nll, tg.TTTAdapters.step
     for rank in range(world):
         steps, prefixes = [], []
@@ -130,11 +133,9 @@ def test_replay_is_the_schedule_ttt_evaluate_runs(monkeypatch, world):
         tg.ttt_evaluate(ctx, model, (tokens, np.ones(len(tokens) - 1, np.int32)), p)
         want = np.concatenate([np.stack(ph[rank][:3], 1) for ph in phases])
         assert np.array_equal(np.array(steps), want)
-        assert set(want[:, 2]) == {64, 128, 192} and (want[:, 1] == 0).any()  # capped windows; untrained chunks
-        assert ((want[:, 1] > 0) & (want[:, 1] < want[:, 0])).any()  # finished documents leave the optimiser
         # phases: the longest 3 (200, 164, 150), the next 3 (40, 33, 26), the other 8; each trains on all scored
         assert prefixes == global_tokens == [200 + 164 + 150, 200 + 164 + 150 + 40 + 33 + 26]
-        assert [ph[rank][3] for ph in phases] == [-(-len(range(rank, k, world)) // 3) for k in (3, 3, 8)]
+        assert [ph[rank][3] for ph in phases] == [len(range(rank, -(-k // 3), world)) for k in (3, 3, 8)]
 
 
 def formula_flops(a, n, T, C, r):
