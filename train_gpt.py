@@ -2279,9 +2279,9 @@ def ttt_evaluate(ctx, model, val, p, on_scored=None, label="TTT eval", compiled=
     spent = {True: [0.0, 0], False: [0.0, 0]}  # adapted / unadapted batches after the first: seconds, window tokens
     n_batches, adapting, skipped, first, n_first = 0, True, 0, 0.0, 0
 
-    def rate(adapt):  # seconds per window token; scoring alone is taken as half an adapted step until measured
-        sec, n = spent[adapt]
-        return sec / n if n else rate(True) / 2 if not adapt and spent[True][1] else first / max(n_first, 1)
+    def rate(adapt):  # seconds per window token; scoring alone costs as much as adapting until measured (the
+        sec, n = spent[adapt]  # forward, with gradients on for one graph, dominates a chunk step on a CPU)
+        return sec / n if n else rate(True) if not adapt and spent[True][1] else first / max(n_first, 1)
 
     def affordable(cost, rest):  # `cost` more seconds of adapting still leaves time to score `rest` unadapted
         return deadline is None or ctx.clock() + cost + rate(False) * rest / ctx.world + margin <= deadline
@@ -2301,7 +2301,8 @@ def ttt_evaluate(ctx, model, val, p, on_scored=None, label="TTT eval", compiled=
                 mine = order[lo + j * B:min(lo + (j + 1) * B, hi)]
                 n = int(work[mine].sum())
                 rest = int(work.sum()) - shared.add("taken", n)
-                if adapting and n_batches and (shared.add("stop", 0) or not affordable(rate(True) * n, rest)):
+                # before the first batch nothing is measured: it adapts if any time is left beyond the margin
+                if adapting and (shared.add("stop", 0) or not affordable(rate(True) * n if n_batches else 0.0, rest)):
                     adapting = False
                     if not shared.add("stop", 0):
                         shared.add("stop")
