@@ -155,7 +155,8 @@ SETTINGS = [
     ("TTT_BATCH_SIZE", 64, "int", "documents adapted side by side, each with its own adapters"),
     ("TTT_EVAL_SEQ_LEN", 2048, "int", "longest context window inside a document (and global TTT sequence length)"),
     ("PHASED_TTT_NUM_PHASES", 3, "int", "global TTT boundaries, spread over PHASED_TTT_PREFIX_DOCS (0: off)"),
-    ("PHASED_TTT_PREFIX_DOCS", 2500, "int", "documents (scoring order: longest first) over which the global TTT boundaries are spread"),
+    ("PHASED_TTT_PREFIX_DOCS", 2500, "int", "documents (scoring order: longest first) over which the global TTT "
+     "boundaries are spread"),
     ("GLOBAL_TTT_LR", 0.001, "float", "SGD lr of the base weights at each boundary, cosine-decayed to 0 over it"),
     ("GLOBAL_TTT_MOMENTUM", 0.9, "float", "SGD momentum of global TTT"),
     ("GLOBAL_TTT_EPOCHS", 1, "int", "passes over the scored documents at each boundary"),
@@ -2003,7 +2004,8 @@ def evaluate(ctx, model, val, seq_len, stride, batch, points=(None,), label="eva
     None (plain scoring) or a SLOT setting; hidden states are computed once per batch for all points. The data
     stay on the device, sums are masked (no boolean indexing) and times are CUDA events, so the host never waits
     on the GPU but for the first batches' projection. Returns [(val_loss, val_bpb, seconds)] per point, the shared
-    hidden pass charged to the first point only (so the points' seconds add up to the pass's); bpb = sum of nll / ln 2 / sum of bytes, in float64."""
+    hidden pass charged to the first point only (so the points' seconds add up to the pass's);
+    bpb = sum of nll / ln 2 / sum of bytes, in float64."""
     hidden = getattr(model, "eval_hidden", model.forward_hidden)
     starts = np.array_split(window_starts(len(val[0]) - 1, seq_len, stride), ctx.world)[ctx.rank]
     starts_dev = to_device(starts, ctx.device)
