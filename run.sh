@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Entry points: smoke | record [SEED] | record-frontier [SEED] | rehearse [SEED] | eval ARTIFACT | sweep ARTIFACT |
-# data [N | ARGS] | gpu-setup | test | bench | package NAME RUN_ID...
+# Entry points: smoke | record [SEED] | record-frontier [SEED] | preflight [record | record-frontier] | rehearse [SEED] |
+# eval ARTIFACT | sweep ARTIFACT | data [N | ARGS] | gpu-setup | test | bench | package NAME RUN_ID...
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -77,39 +77,70 @@ launch() {  # torchrun on every local GPU; plain python on a CPU-only machine; a
   fi
 }
 
-preflight() {  # every phase of the run at toy size, same launcher and settings otherwise, before paying for it
-  local run=$1 dir=${LOG_DIR:-logs}/preflight world rc=0 why start=$SECONDS
-  case "${PREFLIGHT:-1}" in
+preflight() {  # every phase of the run before paying for it: toy size (PREFLIGHT=1) or full size (PREFLIGHT=full)
+  local run=$1 dir=${LOG_DIR:-logs}/preflight mode=${PREFLIGHT:-1} frac=${PREFLIGHT_MEMORY_FRACTION:-0.95} gpu world
+  local rc=0 why start=$SECONDS toy=() sched=() over
+  case "$mode" in
     0) return 0 ;;
-    1) ;;
-    *) echo "error: PREFLIGHT=${PREFLIGHT} is not 0 or 1; fix: unset it (preflight on) or set PREFLIGHT=0 to skip" >&2
+    1|full) ;;
+    *) echo "error: PREFLIGHT=${PREFLIGHT} is not 0, 1 or full; fix: unset it (toy-size preflight), PREFLIGHT=full" \
+         "(full size, memory per phase) or PREFLIGHT=0 to skip" >&2
        exit 2 ;;
   esac
-  world=$(gpus)
-  world=$((world > 0 ? world : 1))
+  if ! awk -v f="$frac" 'BEGIN { exit !(f ~ /^[0-9.]+$/ && f > 0 && f <= 1) }'; then
+    echo "error: PREFLIGHT_MEMORY_FRACTION=$frac is not a fraction in (0, 1]; fix: unset it (0.95) or set e.g. 0.9" >&2
+    exit 2
+  fi
+  gpu=$(gpus)
+  world=$((gpu > 0 ? gpu : 1))
   local out=$dir/${run}_preflight.out
   mkdir -p "$dir"
   rm -f "$dir/${run}_preflight".*
-  echo "preflight: every phase at toy size on $world process(es) before the real run; output in $out"
-  # 8 steps with warm-down over all 8: late QAT switches on at the last one; the cap's stop flag runs each step.
-  # Data and every setting not named here are the real run's; the artifact and logs go to their own folder.
-  # Warm-up compiles every variant (loop, late QAT); the loop is on from the first timed step.
-  launch env LOG_DIR="$dir" RUN_ID="${run}_preflight" ARTIFACT= EVAL_ONLY=0 MODEL_DIM=64 NUM_HEADS=4 \
-    NUM_KV_HEADS=2 ROPE_DIMS=8 BIGRAM_VOCAB_SIZE=$(( ${BIGRAM_VOCAB_SIZE:-2048} > 0 ? 512 : 0 )) BIGRAM_DIM=32 \
-    VE_DIM=32 TRAIN_SEQ_LEN=128 ENABLE_LOOPING_AT=0 TTT_EVAL_SEQ_LEN=128 TTT_LORA_RANK=8 \
-    TRAIN_BATCH_TOKENS=$((world * 1024)) GRAD_ACCUM_STEPS=1 ITERATIONS=8 WARMUP_STEPS=4 WARMDOWN_ITERS=8 \
-    WARMDOWN_FRAC=0 MAX_WALLCLOCK_SECONDS=120 GPTQ_RESERVE_SECONDS=1 VAL_LOSS_EVERY=4 TRAIN_LOG_EVERY=4 SWA_EVERY=2 \
-    EVAL_SEQ_LEN=128 EVAL_STRIDE=32 VAL_TOKENS=16384 SLOT_STEPS=2 GPTQ_CALIB_BATCHES="$world" \
+  # toy width: PREFLIGHT=1, and PREFLIGHT=full on a machine without GPUs (the same code path, at a size a CPU runs)
+  if [ "$mode" = 1 ] || [ "$gpu" -eq 0 ]; then
+    toy=(MODEL_DIM=64 NUM_HEADS=4 NUM_KV_HEADS=2 ROPE_DIMS=8 BIGRAM_DIM=32 VE_DIM=32 TRAIN_SEQ_LEN=128
+      BIGRAM_VOCAB_SIZE=$(( ${BIGRAM_VOCAB_SIZE:-2048} > 0 ? 512 : 0 )) TTT_EVAL_SEQ_LEN=128 TTT_LORA_RANK=8
+      TRAIN_BATCH_TOKENS=$((world * 1024)) GRAD_ACCUM_STEPS=1 EVAL_SEQ_LEN=128 EVAL_STRIDE=32)
+  fi
+  if [ "$mode" = 1 ]; then
+    echo "preflight: every phase at toy size on $world process(es) before the real run; output in $out"
+    # 8 steps with warm-down over all 8: late QAT switches on at the last one; the cap's stop flag runs each step.
+    # Warm-up compiles every variant (loop, late QAT); the loop is on from the first timed step.
+    sched=(ENABLE_LOOPING_AT=0 ITERATIONS=8 WARMUP_STEPS=4 WARMDOWN_ITERS=8 WARMDOWN_FRAC=0 MAX_WALLCLOCK_SECONDS=120
+      GPTQ_RESERVE_SECONDS=1 VAL_LOSS_EVERY=4 TRAIN_LOG_EVERY=4 SWA_EVERY=2 VAL_TOKENS=16384 SLOT_STEPS=2
+      GPTQ_CALIB_BATCHES="$world")
+  else
+    echo "preflight: full size$([ "$gpu" -gt 0 ] || echo ' (toy width: no GPU)') on $world process(es): the real" \
+      "model and batch for 2 steps after the warm-up's compiles, GPTQ on $((2 * world)) calibration sequences, every" \
+      "eval on the ${TTT_BATCH_SIZE:-64} longest val documents; output in $out"
+    # no size target or limit: 2 steps' weights do not compress like trained ones
+    sched=(ITERATIONS=2 MAX_WALLCLOCK_SECONDS=0 VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=1
+      VAL_LONGEST_DOCS="${TTT_BATCH_SIZE:-64}" GPTQ_CALIB_BATCHES=$((2 * world)) TARGET_BYTES=0
+      SIZE_LIMIT_BYTES=4000000000)
+  fi
+  # data and every setting not named here are the real run's; the artifact and logs go to their own folder
+  launch env LOG_DIR="$dir" RUN_ID="${run}_preflight" ARTIFACT= EVAL_ONLY=0 "${toy[@]}" "${sched[@]}" \
     timeout "${PREFLIGHT_TIMEOUT:-600}" >"$out" 2>&1 || rc=$?
   if [ "$rc" -eq 0 ]; then
-    echo "preflight: passed in $((SECONDS - start))s (log $dir/${run}_preflight.txt)"
-    return 0
-  fi
-  why=$(grep -h '^error: ' "$out" | tail -n 1 | sed 's/^error: //' || true)
-  if [ "$rc" -eq 124 ]; then
-    why="it did not finish within ${PREFLIGHT_TIMEOUT:-600}s; fix: see where $out stops (compile, NCCL, data)"
-  elif [ -z "$why" ]; then
-    why="exit status $rc; fix: read the traceback in $out"
+    # "memory: <phase> peak <p> GiB of <t> GiB (...)": a phase over the fraction would not fit the real run safely
+    over=$(awk -v f="$frac" '/^memory: / && $4 > f * $7 { printf "%s peaked at %s of %s GiB; ", $2, $4, $7 }' "$out")
+    if [ "$mode" = full ]; then
+      grep -h '^memory: \|^train_done: ' "$out" | sed 's/^/preflight: /' || true
+    fi
+    if [ "$mode" = full ] && [ -n "$over" ]; then
+      why="${over}over PREFLIGHT_MEMORY_FRACTION=$frac of the device; fix: training: raise GRAD_ACCUM_STEPS; export:"
+      why="$why fewer GPTQ_CALIB_BATCHES; eval: a smaller EVAL_BATCH or SLOT_BATCH; TTT: a smaller TTT_BATCH_SIZE"
+    else
+      echo "preflight: passed in $((SECONDS - start))s (log $dir/${run}_preflight.txt)"
+      return 0
+    fi
+  else
+    why=$(grep -h '^error: ' "$out" | tail -n 1 | sed 's/^error: //' || true)
+    if [ "$rc" -eq 124 ]; then
+      why="it did not finish within ${PREFLIGHT_TIMEOUT:-600}s; fix: see where $out stops (compile, NCCL, data)"
+    elif [ -z "$why" ]; then
+      why="exit status $rc; fix: read the traceback in $out"
+    fi
   fi
   echo "error: preflight failed, the real run was not started: $why (output: $out; PREFLIGHT=0 skips the check)" >&2
   exit 2
@@ -178,6 +209,11 @@ case "$cmd" in
   record)  # the record configuration on all local GPUs, after a preflight (PREFLIGHT=0 skips it)
     seed=${1:-${SEED:-1337}}
     record_run "$seed" "${RUN_ID:-record_seed$seed}"
+    ;;
+  preflight)  # the preflight alone (PREFLIGHT=1 toy size, PREFLIGHT=full full size) of record, or of record-frontier
+    ensure_deps
+    [ "${1:-record}" != record-frontier ] || frontier_defaults
+    preflight "${RUN_ID:-${1:-record}}"
     ;;
   record-frontier)  # the best merged record's configuration (SPEC section 10), after the same preflight as record
     frontier_defaults
@@ -248,7 +284,8 @@ case "$cmd" in
     python bench/bench.py "$@"
     ;;
   *)
-    echo "usage: bash run.sh smoke | record [SEED] | record-frontier [SEED] | rehearse [SEED] | eval ARTIFACT |" \
+    echo "usage: bash run.sh smoke | record [SEED] | record-frontier [SEED] | preflight [record | record-frontier] |" \
+      "rehearse [SEED] | eval ARTIFACT |" \
       "sweep ARTIFACT | data [N | ARGS] | gpu-setup | test | bench [--ablate ...] | package NAME RUN_ID..." >&2
     exit 2
     ;;

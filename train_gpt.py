@@ -5,7 +5,7 @@ optimizer -> training -> export -> evaluation -> main."""
 from __future__ import annotations
 
 import contextlib, copy, difflib, glob, hashlib, importlib, json, lzma, math, os, re, signal, struct, subprocess, sys
-import time, base64, bz2, itertools, traceback
+import time, base64, bz2, itertools, resource, traceback
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -38,6 +38,8 @@ SETTINGS = [
     ("VAL_LOSS_EVERY", 4000, "int", "validate every N steps during training (0: only at the end)"),
     ("TRAIN_LOG_EVERY", 200, "int", "log train loss every N steps"),
     ("VAL_TOKENS", 0, "int", "use only the first N validation tokens (0: the whole split)"),
+    ("VAL_LONGEST_DOCS", 0, "int", "score only the N longest of those documents, in stream order (0: all); "
+                                   "PREFLIGHT=full's worst case for eval memory"),
     ("NUM_LAYERS", 11, "int", "transformer blocks"),
     ("MODEL_DIM", 512, "int", "model width"),
     ("NUM_HEADS", 8, "int", "query heads"),
@@ -118,7 +120,7 @@ SETTINGS = [
      "decodes in ~80 s at the record size on a CPU core, inside the eval's time)"),
     ("TARGET_BYTES", 16000000, "int", "prune +-1 values until code + model fit in this many bytes (0: no pruning)"),
     ("SIZE_LIMIT_BYTES", 16000000, "int", "hard limit on code + model bytes; the run fails above it"),
-    ("ARTIFACT", "", "str", "artifact path (default LOG_DIR/<RUN_ID>.int6.pgz); read by EVAL_ONLY=1"),
+    ("ARTIFACT", "", "str", "artifact path (default LOG_DIR/<RUN_ID>.<bits>.pgz, e.g. .int6.pgz); read by EVAL_ONLY=1"),
     ("EVAL_ONLY", False, "bool", "skip training: load ARTIFACT and run the evaluations"),
     ("EVAL_SEQ_LEN", 2048, "int", "evaluation window length"),
     ("EVAL_STRIDE", 64, "int", "sliding-window stride"),
@@ -252,6 +254,11 @@ class Settings:
                          global_momentum=self.global_ttt_momentum, global_epochs=self.global_ttt_epochs,
                          global_chunk=self.global_ttt_chunk, global_clip=self.global_ttt_grad_clip), **kw)
 
+    def quant_label(self):
+        """The artifact's label, file-name part and log-line name: its bit widths as configured (int6: the seeds')."""
+        bits = f"int{self.attn_bits}" if self.attn_bits == self.mlp_bits else f"attn{self.attn_bits}_mlp{self.mlp_bits}"
+        return bits + (f"_embed{self.embed_bits}" if self.embed_bits < 8 else "")
+
     def ttt_grid(self):
         if not any([self.sweep_ttt_lr, self.sweep_ttt_lora_rank, self.sweep_ttt_chunk_size,
                     self.sweep_ttt_prefix_docs]):
@@ -286,7 +293,7 @@ class Settings:
                           "MLP_LEAKY_SLOPE SEED RANK LOCAL_RANK TTT_LR TTT_WEIGHT_DECAY TTT_GRAD_STEPS "
                           "PHASED_TTT_NUM_PHASES PHASED_TTT_PREFIX_DOCS GLOBAL_TTT_LR GLOBAL_TTT_EPOCHS "
                           "GLOBAL_TTT_GRAD_CLIP NUM_LOOPS LOOP_START PARALLEL_START_LAYER ATTN_GATE_SCALE "
-                          "ATTN_CLIP_SIGMAS MLP_CLIP_SIGMAS EMBED_CLIP_SIGMAS LQER_RANK LQER_TOP_K"),
+                          "ATTN_CLIP_SIGMAS MLP_CLIP_SIGMAS EMBED_CLIP_SIGMAS LQER_RANK LQER_TOP_K VAL_LONGEST_DOCS"),
                  "in [5, 8]": (lambda v: 5 <= v <= 8, "ATTN_BITS MLP_BITS"),
                  "in [6, 8]": (lambda v: 6 <= v <= 8, "EMBED_BITS"),
                  "in [0, 1)": (lambda v: 0 <= v < 1, "MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 EMA_DECAY "
@@ -1093,6 +1100,25 @@ class Ctx:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    @contextlib.contextmanager
+    def phase(self, name):
+        """Logs the phase's peak memory against the device's; running out of it is one error line naming the phase
+        and its fix. CUDA: allocated bytes, peak reset at the start; CPU: the process's high-water RSS so far."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            self.sync()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        peak = lambda: (torch.cuda.max_memory_allocated(self.device) if cuda
+                        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
+        total = (torch.cuda.get_device_properties(self.device).total_memory if cuda
+                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 2 ** 30
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            raise ConfigError(f"{name} ran out of device memory (peak {peak():.1f} of {total:.1f} GiB); fix: "
+                              f"{MEMORY_FIX[name]}") from None
+        self.log(f"memory: {name} peak {peak():.2f} GiB of {total:.1f} GiB ({'allocated' if cuda else 'RSS'})")
+
     def all_reduce(self, t, op=None):
         if self.world > 1:
             dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
@@ -1132,6 +1158,9 @@ class Ctx:
         return sum(a.elapsed_time(b) for a, b in spans) / 1000
 
 COMPILED = {}  # code object -> (name, the graphs its declared variants need): Ctx.compiles warns past them
+MEMORY_FIX = {"training": "raise GRAD_ACCUM_STEPS (same tokens per step, fewer at once), or COMPILE=1",
+              "export": "fewer GPTQ_CALIB_BATCHES", "eval": "a smaller EVAL_BATCH or SLOT_BATCH",
+              "TTT": "a smaller TTT_BATCH_SIZE or TTT_EVAL_SEQ_LEN"}
 
 def compile_fn(fn, name, variants, **kw):
     """torch.compile(fn, **kw) declared to need `variants` graphs (more, for a function compiled again): the
@@ -1903,12 +1932,12 @@ def export(a, ctx, state, hessians, code_bytes):
             f" ({len(blob) - len(payloads[best]):+d}) kept:{int(keep)} seconds:{time.perf_counter() - t:.1f}")
     tensors, payloads[best] = (ordered, blob) if keep else (tensors, payloads[best])
     ctx.log(f"codec_chosen: {best}")
-    config = a.arch()
-    size = {c: lambda ts, c=c: code_bytes + len(encode_artifact(ts, c, "int6", config)) for c in (best, fast)}
-    blob = encode_artifact(tensors, best, "int6", config, payloads[best])  # no second compression of the winner
+    config, label = a.arch(), a.quant_label()
+    size = {c: lambda ts, c=c: code_bytes + len(encode_artifact(ts, c, label, config)) for c in (best, fast)}
+    blob = encode_artifact(tensors, best, label, config, payloads[best])  # no second compression of the winner
     if pruned := a.target_bytes and code_bytes + len(blob) > a.target_bytes:
         tensors = prune_ones(tensors, hdiag, size[fast], size[best], a.target_bytes, ctx.log)
-        blob = encode_artifact(tensors, best, "int6", config)
+        blob = encode_artifact(tensors, best, label, config)
     Path(a.artifact).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(a.artifact, blob)
     if pruned:  # the pruned encode was never decoded: check the file as written
@@ -2070,9 +2099,10 @@ class TTTAdapters:
     """Per-document LoRA adapters of every slot and target, banked: A [N, k, r, d] for all k adapters (every input
     is d wide) and B [N, k_o, o, r] per output width o, so AdamW runs a few large ops. A batch's documents run
     longest first, so the live and the still-training ones are prefixes: views [:n] (contiguous, one stride for
-    every n) leave finished documents out of the forward and the optimiser. B and the AdamW state start afresh with each document. A is one fixed
-    U(+-1/sqrt(d)) draw for every document (warm_a off), or drawn per batch slot and kept, as trained, from one
-    document to the next in its slot (warm_a on, as the record: A then learned only from documents already scored).
+    every n) leave finished documents out of the forward and the optimiser. B and the AdamW state start afresh
+    with each document. A is one fixed U(+-1/sqrt(d)) draw for every document (warm_a off), or drawn per batch
+    slot and kept, as trained, from one document to the next in its slot (warm_a on, as the record: A then learned
+    only from documents already scored).
     AdamW with beta1 = 0, as torch's but stepping only the training prefix; delta = alpha/r x A B."""
 
     def __init__(self, model, p, N, device):
@@ -2361,44 +2391,47 @@ def final_evals(a, ctx, model, val, results, label):
     """Round trip on plain windows, then ONE hidden-state pass per stride that serves sliding scoring and SLOT
     (or every grid point of a sweep), then TTT (or its sweep, in the same table). Fills results[name] =
     (val_loss, val_bpb, seconds) and logs each figure."""
-    L = a.eval_seq_len
-    results["roundtrip"] = r = evaluate(ctx, model, val, L, L, a.eval_batch, label="round-trip eval")[0]
-    ctx.log(f"final_{label}_roundtrip_exact val_loss:{r[0]:.8f} val_bpb:{r[1]:.8f} eval_time:{r[2]:.1f}s")
-    grid = a.sweep_grid()
-    slot = [] if grid or not a.slot_enabled else [a.slot_point()]
-    rows = []
-    for stride in sorted({p["stride"] for p in grid + slot} | ({a.eval_stride} if a.sliding_enabled else set())):
-        plain = bool(grid) or (a.sliding_enabled and stride == a.eval_stride)
-        pts = [None] * plain + [p for p in grid + slot if p["stride"] == stride]
-        t = time.perf_counter()
-        res = evaluate(ctx, model, val, L, stride, a.slot_batch if len(pts) > plain else a.eval_batch, pts,
-                       label=f"stride-{stride} pass ({len(pts)} points)")
-        ctx.log(f"eval_pass: stride:{stride} points:{len(pts)} hidden_passes:1 seconds:{time.perf_counter() - t:.1f}")
-        for p, r in zip(pts, res):
-            if p is None and a.sliding_enabled and stride == a.eval_stride:
-                results["sliding"] = r
-                ctx.log(f"final_sliding_window_exact stride:{stride} val_loss:{r[0]:.8f} val_bpb:{r[1]:.8f} "
-                        f"eval_time:{r[2]:.1f}s")
-            if p is not None and not grid:
-                results["slot_" + p["mode"]] = r
-                ctx.log(f"final_slot_exact mode:{p['mode']} delta:{p['delta']} steps:{p['steps']} val_loss:{r[0]:.8f} "
-                        f"val_bpb:{r[1]:.8f} eval_time:{r[2]:.1f}s")
-            if grid:
-                p = p or dict(mode="plain", delta="-", steps=0, lr=0.0, lr_min=0.0)
-                rows.append(f"| {p['mode']} | {p['delta']} | {p['steps']} | {p['lr']:g} | {p['lr_min']:g} | "
-                            f"{stride} | {r[0]:.6f} | {r[1]:.6f} | {r[2]:.1f} |")
-                ctx.log("sweep_row " + rows[-1])
+    with ctx.phase("eval"):
+        L = a.eval_seq_len
+        results["roundtrip"] = r = evaluate(ctx, model, val, L, L, a.eval_batch, label="round-trip eval")[0]
+        ctx.log(f"final_{label}_roundtrip_exact val_loss:{r[0]:.8f} val_bpb:{r[1]:.8f} eval_time:{r[2]:.1f}s")
+        grid = a.sweep_grid()
+        slot = [] if grid or not a.slot_enabled else [a.slot_point()]
+        rows = []
+        for stride in sorted({p["stride"] for p in grid + slot} | ({a.eval_stride} if a.sliding_enabled else set())):
+            plain = bool(grid) or (a.sliding_enabled and stride == a.eval_stride)
+            pts = [None] * plain + [p for p in grid + slot if p["stride"] == stride]
+            t = time.perf_counter()
+            res = evaluate(ctx, model, val, L, stride, a.slot_batch if len(pts) > plain else a.eval_batch, pts,
+                           label=f"stride-{stride} pass ({len(pts)} points)")
+            ctx.log(f"eval_pass: stride:{stride} points:{len(pts)} hidden_passes:1 "
+                    f"seconds:{time.perf_counter() - t:.1f}")
+            for p, r in zip(pts, res):
+                if p is None and a.sliding_enabled and stride == a.eval_stride:
+                    results["sliding"] = r
+                    ctx.log(f"final_sliding_window_exact stride:{stride} val_loss:{r[0]:.8f} val_bpb:{r[1]:.8f} "
+                            f"eval_time:{r[2]:.1f}s")
+                if p is not None and not grid:
+                    results["slot_" + p["mode"]] = r
+                    ctx.log(f"final_slot_exact mode:{p['mode']} delta:{p['delta']} steps:{p['steps']} "
+                            f"val_loss:{r[0]:.8f} val_bpb:{r[1]:.8f} eval_time:{r[2]:.1f}s")
+                if grid:
+                    p = p or dict(mode="plain", delta="-", steps=0, lr=0.0, lr_min=0.0)
+                    rows.append(f"| {p['mode']} | {p['delta']} | {p['steps']} | {p['lr']:g} | {p['lr_min']:g} | "
+                                f"{stride} | {r[0]:.6f} | {r[1]:.6f} | {r[2]:.1f} |")
+                    ctx.log("sweep_row " + rows[-1])
     ctx.compiles("eval (round trip, sliding, SLOT)")
     ttt_grid, compiled = a.ttt_grid(), a.compile and ctx.compile
-    if a.ttt_enabled and not ttt_grid:
-        results["ttt"] = r = ttt_evaluate(ctx, model, val, a.ttt_point(), compiled=compiled, deadline=ctx.deadline)
-        ctx.log(f"final_ttt_exact val_loss:{r[0]:.8f} val_bpb:{r[1]:.8f} eval_time:{r[2]:.1f}s "
-                + ttt_desc(a.ttt_point()))
-    for p in ttt_grid:
-        r = ttt_evaluate(ctx, model, val, p, label=f"sweep TTT {ttt_desc(p)}", compiled=compiled)
-        rows.append(f"| ttt | rank {p['rank']} chunk {p['chunk']} docs {p['prefix_docs']} | {p['steps']} | "
-                    f"{p['lr']:g} | - | - | {r[0]:.6f} | {r[1]:.6f} | {r[2]:.1f} |")
-        ctx.log("sweep_row " + rows[-1])
+    with ctx.phase("TTT") if a.ttt_enabled or ttt_grid else contextlib.nullcontext():
+        if a.ttt_enabled and not ttt_grid:
+            results["ttt"] = r = ttt_evaluate(ctx, model, val, a.ttt_point(), compiled=compiled, deadline=ctx.deadline)
+            ctx.log(f"final_ttt_exact val_loss:{r[0]:.8f} val_bpb:{r[1]:.8f} eval_time:{r[2]:.1f}s "
+                    + ttt_desc(a.ttt_point()))
+        for p in ttt_grid:
+            r = ttt_evaluate(ctx, model, val, p, label=f"sweep TTT {ttt_desc(p)}", compiled=compiled)
+            rows.append(f"| ttt | rank {p['rank']} chunk {p['chunk']} docs {p['prefix_docs']} | {p['steps']} | "
+                        f"{p['lr']:g} | - | - | {r[0]:.6f} | {r[1]:.6f} | {r[2]:.1f} |")
+            ctx.log("sweep_row " + rows[-1])
     if a.ttt_enabled or ttt_grid:
         ctx.compiles("TTT")
     if rows:
@@ -2475,7 +2508,7 @@ def open_run(a, ctx, code_bytes):
         raise ConfigError(f"LOG_DIR={a.log_dir!r} is not a writable folder ({e.strerror}); fix: point LOG_DIR at a "
                           "folder you can write, or move the file in its way") from None
     outputs = [f"{base}.submission.json"]
-    outputs += [] if a.eval_only else [a.artifact or f"{base}.int6.pgz", f"{base}.prequant.pgz"]
+    outputs += [] if a.eval_only else [a.artifact or f"{base}.{a.quant_label()}.pgz", f"{base}.prequant.pgz"]
     log, note = Path(f"{base}.txt"), None
     if not any(map(os.path.lexists, outputs)) and log.is_file() and not log.is_symlink() and failed_log(log):
         kept = next(f"{base}.failed{k}.txt" for k in range(1, 1 << 20) if not os.path.lexists(f"{base}.failed{k}.txt"))
@@ -2522,6 +2555,10 @@ def run(a, ctx, run_id, code_bytes):
     if len(tokens) < 2:  # token ids were checked by load_shard
         raise ConfigError(f"DATA_PATH={a.data_path!r}: the val shards hold {len(tokens)} tokens, no target to score; "
                           "fix: use the full val shards, or VAL_TOKENS=0 or >= 2")
+    if a.val_longest_docs:  # each kept document followed by a BOS, its last target as in the stream
+        docs = documents(tokens)
+        keep = np.sort(np.argsort(-docs[:, 1], kind="stable")[:a.val_longest_docs])
+        tokens = np.concatenate([tokens[s:s + n] for s, n in docs[keep]] + [np.array([BOS_ID], tokens.dtype)])
     val = Val(tokens, target_bytes(tokens, byte_tables(sp, a.vocab_size)))
     t_val = time.perf_counter() - t_val  # the eval's share of the start-up, counted in eval_total
     ctx.log(f"val_loader: tokens:{len(tokens)} bytes:{int(val[1].sum())} seconds:{t_val:.1f}")
@@ -2532,34 +2569,37 @@ def run(a, ctx, run_id, code_bytes):
         torch.manual_seed(a.seed)
         model = build_model(a.arch(), ctx.device)
         ctx.log(f"model_params:{sum(p.numel() for p in model.parameters())} rope_base:{rope_base(a.arch()):.1f}")
-        steps, train_ms, loader = train(a, ctx, model, train_files, val)
-        t = time.perf_counter()
-        n_cal = -(-a.gptq_calib_batches // ctx.world)
-        if a.gptq_calib == "train":
-            x, _, _ = loader.next_batch(n_cal * a.train_seq_len, a.train_seq_len)
+        with ctx.phase("training"):
+            steps, train_ms, loader = train(a, ctx, model, train_files, val)
+        with ctx.phase("export"):
+            t = time.perf_counter()
+            n_cal = -(-a.gptq_calib_batches // ctx.world)
+            if a.gptq_calib == "train":
+                x, _, _ = loader.next_batch(n_cal * a.train_seq_len, a.train_seq_len)
+                with exact_fp32():
+                    H = collect_hessians(ctx, model, x.split(8))
+                cal = time.perf_counter() - t
+                ctx.log(f"gptq_calib: train, {n_cal * ctx.world} sequences in {cal:.1f}s; training "
+                        f"{train_ms / 1000:.1f}s + calibration = {train_ms / 1000 + cal:.1f}s of the "
+                        f"{a.max_wallclock_seconds:g}s cap")
+            state = {k: v.detach().float() for k, v in model.state_dict().items()}
+            on_main(ctx, lambda: write_atomic(f"{log_base}.prequant.pgz", encode_artifact(
+                [(k, "fp32", v.cpu().numpy()) for k, v in state.items()], "none", "prequant", a.arch())))
+            ctx.log(f"prequant_path: {log_base}.prequant.pgz")
+            if a.gptq_calib == "selfgen":
+                seqs = self_generate(ctx, model, n_cal, a.train_seq_len, a.gptq_temperature, a.seed)
+                with exact_fp32():
+                    H = collect_hessians(ctx, model, seqs.split(8))
+                ctx.log(f"gptq_calib: selfgen, {n_cal * ctx.world} sequences of {a.train_seq_len} tokens generated at "
+                        f"temperature {a.gptq_temperature} in {time.perf_counter() - t:.1f}s")
             with exact_fp32():
-                H = collect_hessians(ctx, model, x.split(8))
-            cal = time.perf_counter() - t
-            ctx.log(f"gptq_calib: train, {n_cal * ctx.world} sequences in {cal:.1f}s; training {train_ms / 1000:.1f}s "
-                    f"+ calibration = {train_ms / 1000 + cal:.1f}s of the {a.max_wallclock_seconds:g}s cap")
-        state = {k: v.detach().float() for k, v in model.state_dict().items()}
-        on_main(ctx, lambda: write_atomic(f"{log_base}.prequant.pgz", encode_artifact(
-            [(k, "fp32", v.cpu().numpy()) for k, v in state.items()], "none", "prequant", a.arch())))
-        ctx.log(f"prequant_path: {log_base}.prequant.pgz")
-        if a.gptq_calib == "selfgen":
-            seqs = self_generate(ctx, model, n_cal, a.train_seq_len, a.gptq_temperature, a.seed)
-            with exact_fp32():
-                H = collect_hessians(ctx, model, seqs.split(8))
-            ctx.log(f"gptq_calib: selfgen, {n_cal * ctx.world} sequences of {a.train_seq_len} tokens generated at "
-                    f"temperature {a.gptq_temperature} in {time.perf_counter() - t:.1f}s")
-        with exact_fp32():
-            model_bytes = on_main(ctx, lambda: export(a, ctx, state, H, code_bytes))
-        total = code_bytes + model_bytes
-        ctx.log(f"artifact_bytes: code:{code_bytes} model:{model_bytes} total:{total} limit:{a.size_limit_bytes}")
-        if total > a.size_limit_bytes:
-            raise ConfigError(f"artifact {a.artifact}: code + model = {total} bytes exceeds SIZE_LIMIT_BYTES="
-                              f"{a.size_limit_bytes}; fix: set TARGET_BYTES at or below the limit so that pruning "
-                              "fits it, or shrink the model")
+                model_bytes = on_main(ctx, lambda: export(a, ctx, state, H, code_bytes))
+            total = code_bytes + model_bytes
+            ctx.log(f"artifact_bytes: code:{code_bytes} model:{model_bytes} total:{total} limit:{a.size_limit_bytes}")
+            if total > a.size_limit_bytes:
+                raise ConfigError(f"artifact {a.artifact}: code + model = {total} bytes exceeds SIZE_LIMIT_BYTES="
+                                  f"{a.size_limit_bytes}; fix: set TARGET_BYTES at or below the limit so that pruning "
+                                  "fits it, or shrink the model")
         with exact_fp32():
             results["prequant"] = evaluate(ctx, model, val, L, L, a.eval_batch, label="prequant eval")[0]
         ctx.log(f"final_prequant_exact val_loss:{results['prequant'][0]:.8f} val_bpb:{results['prequant'][1]:.8f}")
@@ -2609,7 +2649,7 @@ def write_submission(a, ctx, run_id, results, code_bytes, model_bytes, header, s
               "ttt": f"score-first TTT ({ttt_desc(a.ttt_point())})"}
     sub = dict(author=a.author, github_id=a.github_id, name=run_id, date=datetime.now(timezone.utc).isoformat(),
                val_loss=results[metric][0], val_bpb=results[metric][1], bytes_total=code_bytes + model_bytes,
-               bytes_code=code_bytes, bytes_model=model_bytes,
+               bytes_code=code_bytes, bytes_model=model_bytes, artifact=Path(a.artifact).name,
                blurb=f"{c['NUM_LAYERS']}L d{c['MODEL_DIM']} GQA {c['NUM_HEADS']}/{c['NUM_KV_HEADS']}, {label} "
                      f"artifact; val_bpb from {method[metric]}; {hw}; {steps} training steps"
                      + (" (eval-only run)" if a.eval_only else ""),
@@ -2652,7 +2692,7 @@ def main():
         rank, world, local, device = setup_distributed()
         ctx = Ctx(rank, world, local, device)
         run_id = on_main(ctx, lambda: open_run(a, ctx, code_bytes))
-        a.artifact = a.artifact or str(Path(a.log_dir) / f"{run_id}.int6.pgz")
+        a.artifact = a.artifact or str(Path(a.log_dir) / f"{run_id}.{a.quant_label()}.pgz")
         for t in typos:
             ctx.log(t)
         ctx.log(f"run_id:{run_id} mode:{'eval_only' if a.eval_only else 'train'} world:{world} device:{device} "

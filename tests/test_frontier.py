@@ -2,6 +2,7 @@
 recurrence, parallel lanes, the attention-output and input SmearGate gates, document-masked attention, Polar-Express
 Newton-Schulz, MuonEq-R, the lr floor and per-group weight decay. Each is checked against an independent computation
 (the formula by hand, or the blocks run by hand), and the defaults against the seeds' model."""
+import json
 import math
 
 import numpy as np
@@ -359,22 +360,28 @@ def test_a_recompile_past_the_declared_variants_warns_once_naming_function_and_s
 
 def test_toy_run_with_every_option_on_trains_exports_reloads_and_scores(toy_env, run_script):
     """Every new option on: the run trains (the loop switches on), exports, and an eval-only run of its artifact
-    gives the very same round-trip figure; sliding, causal SLOT and TTT all score."""
+    gives the very same round-trip figure; sliding, causal SLOT and TTT all score. The artifact's label, file name
+    and round-trip line name the bits as configured (int6 matrices, a 7-bit embedding)."""
     env = {**toy_env, **ALL_ON, "NUM_LAYERS": "6", "XSA_LAST_N": "6", "VE_LAYERS": "4,5", "ITERATIONS": "6",
            "ENABLE_LOOPING_AT": "0.5", "MUON_NS": "polar", "MUON_ROW_NORM": "1", "MIN_LR": "0.1",
            "WARMDOWN_FRAC": "0.85", "EMBED_WD": "0.085", "SCALAR_WD": "0.02", "SLOT_MODE": "causal",
            "TTT_ENABLED": "1", "TTT_LORA_RANK": "4", "TTT_LORA_ALPHA": "4", "TTT_EVAL_SEQ_LEN": "64",
-           "TTT_BATCH_SIZE": "8", "PHASED_TTT_PREFIX_DOCS": "6", "GLOBAL_TTT_CHUNK": "256", "VAL_TOKENS": "2048"}
+           "TTT_BATCH_SIZE": "8", "PHASED_TTT_PREFIX_DOCS": "6", "GLOBAL_TTT_CHUNK": "256", "VAL_TOKENS": "2048",
+           "EMBED_BITS": "7"}
     r = run_script({**env, "RUN_ID": "front"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "looping: layers 1..2 run 2 more times from step 3 (10 slots)" in r.stdout
-    for line in ["final_int6_roundtrip_exact", "final_sliding_window_exact", "final_slot_exact mode:causal",
+    for line in ["final_int6_embed7_roundtrip_exact", "final_sliding_window_exact", "final_slot_exact mode:causal",
                  "final_ttt_exact"]:
         assert f"\n{line}" in r.stdout, line
-    again = run_script({**env, "RUN_ID": "front_eval", "EVAL_ONLY": "1", "ARTIFACT": str(r.log_dir / "front.int6.pgz"),
+    artifact = r.log_dir / "front.int6_embed7.pgz"
+    assert tg.read_artifact(artifact)[0]["label"] == "int6_embed7"
+    assert json.loads((r.log_dir / "front.submission.json").read_text())["artifact"] == artifact.name
+    again = run_script({**env, "RUN_ID": "front_eval", "EVAL_ONLY": "1", "ARTIFACT": str(artifact),
                         "SLIDING_ENABLED": "0", "SLOT_ENABLED": "0", "TTT_ENABLED": "0"}, )
     assert again.returncode == 0, again.stderr[-3000:]
-    pick = lambda out: next(x for x in out.splitlines() if x.startswith("final_int6_roundtrip_exact")).split(" eval_time")[0]
+    pick = lambda out: next(x for x in out.splitlines()
+                            if x.startswith("final_int6_embed7_roundtrip_exact")).split(" eval_time")[0]
     assert pick(again.stdout) == pick(r.stdout)
 
 

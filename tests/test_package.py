@@ -53,8 +53,9 @@ def code_line(stdout):
 
 
 def normalised(text, log_dir):
-    """A log without what differs between two runs of one configuration: timings, rates and the log folder."""
-    text = text.replace(str(log_dir), "LOG_DIR")
+    """A log without what differs between two runs of one configuration: timings, rates, memory peaks and the log
+    folder."""
+    text = re.sub(r"peak [0-9.]+ GiB", "peak M GiB", text.replace(str(log_dir), "LOG_DIR"))
     text = re.sub(r"\b\d+(\.\d+)?(ms|s)\b", "T", text)
     return re.sub(r"(seconds|tokens_per_s|per_rank):[0-9.]+", r"\1:T", text)
 
@@ -219,6 +220,7 @@ def test_package_readme_table_and_reproduction(record, runs):
 def copy_run(src_dir, dst_dir, src, dst):
     for suffix in (".txt", ".submission.json", ".int6.pgz"):
         shutil.copyfile(src_dir / f"{src}{suffix}", dst_dir / f"{dst}{suffix}")
+    edit_json(dst_dir / f"{dst}.submission.json", artifact=f"{dst}.int6.pgz")
     return dst_dir / dst
 
 
@@ -299,3 +301,33 @@ def test_package_cli_prints_one_error_line(bad_runs, tmp_path):
     assert len(r.stderr.splitlines()) == 1 and not (tmp_path / "rec").exists()
     r = subprocess.run(["bash", "run.sh", "package", "rec"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: usage: run.sh package NAME RUN_ID...")
+
+
+def test_package_tests_caseops_runs_on_the_sidecar_bytes(runs, monkeypatch, tmp_path):
+    """1.06108 was counted on CaseOps sidecar bytes: runs scored with sidecars are tested on the same bytes (the
+    margin too, by their own ratio), the README says which; a mix is refused; a run of an older script (no artifact
+    field) still finds <RUN_ID>.int6.pgz."""
+    d = tmp_path / "logs"
+    d.mkdir()
+    side = {}
+    for r, ratio in (("a", 1.25), ("c", 1.3)):
+        sub = json.loads(copy_run(runs.logs, d, r, r).with_suffix(".submission.json").read_text())
+        sub["results"][sub["metric"]]["val_bpb_on_sidecar_bytes"] = side[r] = sub["val_bpb"] * ratio
+        del sub["artifact"]
+        (d / f"{r}.submission.json").write_text(json.dumps(dict(sub, sidecar_bytes_ratio=ratio)))
+    loss = [json.loads((d / f"{r}.submission.json").read_text())["val_loss"] for r in ("a", "c")]
+    monkeypatch.setenv("LOG_DIR", str(d))
+    monkeypatch.setenv("RECORDS_DIR", str(tmp_path / "ok"))
+    package.main(["caseops", "a", "c"])
+    out = tmp_path / "ok" / "caseops"
+    sig = json.loads((out / "submission.json").read_text())["significance"]
+    margin = 0.005 * (side["a"] / loss[0] + side["c"] / loss[1]) / 2
+    t = (1.06108 - margin - (side["a"] + side["c"]) / 2) / (statistics.stdev(side.values()) / math.sqrt(2))
+    assert sig["denominator"] == "CaseOps sidecar bytes" and sig["margin_bpb"] == pytest.approx(margin, rel=1e-12)
+    assert sig["t"] == pytest.approx(t, rel=1e-9)
+    assert "on CaseOps sidecar bytes (the headlines' figures on the same bytes)" in (out / "README.md").read_text()
+    copy_run(runs.logs, d, "a", "plain")
+    edit_json(d / "plain.submission.json", seed=3)
+    errors = refusals(monkeypatch, tmp_path, d, ["a", "plain"])
+    assert errors == ["some runs were scored with val byte sidecars and some without; fix: package runs of one "
+                      "tokenisation"]

@@ -1,7 +1,11 @@
 """`bash run.sh record`'s preflight: a toy-size run of every phase that must pass before the real run starts."""
 import os
+import re
 import subprocess
 
+import numpy as np
+
+import train_gpt as tg
 from conftest import REPO
 
 
@@ -32,8 +36,8 @@ def test_preflight_failure_stops_before_the_real_run(tmp_path, corpus):
 def test_preflight_0_skips_it_and_a_bad_value_is_one_error_line(tmp_path, corpus):
     proc, log_dir = record(tmp_path, PREFLIGHT="yes")
     assert proc.returncode == 2 and not log_dir.exists()
-    assert proc.stderr.strip() == ("error: PREFLIGHT=yes is not 0 or 1; fix: unset it (preflight on) or set "
-                                   "PREFLIGHT=0 to skip")
+    assert proc.stderr.strip() == ("error: PREFLIGHT=yes is not 0, 1 or full; fix: unset it (toy-size preflight), "
+                                   "PREFLIGHT=full (full size, memory per phase) or PREFLIGHT=0 to skip")
     (tmp_path / "no_shards").mkdir()
     proc, log_dir = record(tmp_path, PREFLIGHT="0", DATA_PATH=str(tmp_path / "no_shards"),
                            TOKENIZER_PATH=str(corpus[1]))
@@ -79,3 +83,53 @@ def test_a_torch_built_for_a_newer_cuda_than_the_driver_is_refused_and_never_rep
                                                "supports CUDA 12.4 at most") and "fix:" in err[0], proc.stderr
     assert "never replaces an installed torch" in err[0] and "pip was called" not in proc.stderr
     assert not log_dir.exists() and "preflight:" not in proc.stdout
+
+
+def test_full_preflight_prints_memory_per_phase_and_refuses_a_phase_over_the_fraction(tmp_path, corpus):
+    """PREFLIGHT=full on a CPU: the real settings at toy width, 2 steps, every eval on the TTT_BATCH_SIZE longest val
+    documents (in stream order, each followed by a BOS); a memory line per phase, and a phase over
+    PREFLIGHT_MEMORY_FRACTION of the device refuses the run with one error line. A bad fraction: one line too."""
+    log_dir = tmp_path / "logs"
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "OMP_NUM_THREADS": "1",
+           "OMP_WAIT_POLICY": "PASSIVE", "LOG_DIR": str(log_dir), "DATA_PATH": str(corpus[0]),
+           "TOKENIZER_PATH": str(corpus[1]), "PREFLIGHT": "full", "WARMUP_STEPS": "1", "SLOT_ENABLED": "0",
+           "CODECS": "lzma-9", "TTT_ENABLED": "1", "TTT_BATCH_SIZE": "6", "PREFLIGHT_MEMORY_FRACTION": "0.0001"}
+    run = lambda **kw: subprocess.run(["bash", "run.sh", "preflight"], cwd=REPO, env={**env, **kw},
+                                      capture_output=True, text=True, timeout=300)
+    proc = run()
+    assert proc.returncode == 2, proc.stderr
+    phases = re.findall(r"^preflight: memory: (\w+) peak ([0-9.]+) GiB of ([0-9.]+) GiB \(RSS\)$", proc.stdout, re.M)
+    assert [p[0] for p in phases] == ["training", "export", "eval", "TTT"], proc.stdout
+    assert re.search(r"^preflight: train_done: steps:2 ", proc.stdout, re.M)
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith(
+        f"error: preflight failed, the real run was not started: training peaked at {phases[0][1]} of "
+        f"{phases[0][2]} GiB; export peaked at ") and "over PREFLIGHT_MEMORY_FRACTION=0.0001 of the device; fix:" \
+        in proc.stderr
+    tokens = tg.load_shard(corpus[0] / "fineweb_val_000000.bin", 1024)
+    docs = tg.documents(tokens)
+    kept = np.sort(np.argsort(-docs[:, 1], kind="stable")[:6])
+    log = (log_dir / "preflight" / "record_preflight.txt").read_text()
+    assert f"val_loader: tokens:{docs[kept, 1].sum() + 1} " in log and " VAL_LONGEST_DOCS=6 " in log
+    assert sorted(p.name for p in log_dir.iterdir()) == ["preflight"]  # the real run never started
+    bad = run(PREFLIGHT_MEMORY_FRACTION="2")
+    assert bad.returncode == 2 and bad.stderr.strip() == ("error: PREFLIGHT_MEMORY_FRACTION=2 is not a fraction in "
+                                                          "(0, 1]; fix: unset it (0.95) or set e.g. 0.9")
+
+
+def test_running_out_of_memory_in_a_phase_is_one_error_naming_it_and_its_fix():
+    lines = []
+    ctx = tg.Ctx(0, 1, 0, tg.torch.device("cpu"))
+    ctx.log = lines.append
+    with ctx.phase("eval"):
+        pass
+    assert re.fullmatch(r"memory: eval peak [0-9.]+ GiB of [0-9.]+ GiB \(RSS\)", lines[0])
+    for phase, fix in tg.MEMORY_FIX.items():
+        try:
+            with ctx.phase(phase):
+                raise tg.torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        except tg.ConfigError as e:
+            assert re.fullmatch(rf"{phase} ran out of device memory \(peak [0-9.]+ of [0-9.]+ GiB\); fix: "
+                                + re.escape(fix), str(e))
+        else:
+            raise AssertionError(phase)
+    assert len(lines) == 1  # a phase that failed logs no peak line of its own

@@ -5,6 +5,7 @@ an independent construction. Every reference is computed another way than train_
 
 import contextlib
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -169,6 +170,14 @@ def test_bit_widths_and_clip_modes_round_trip_through_the_artifact(tmp_path, env
         k = getattr(a, f"{group}_clip_sigmas") if name in hdiag else 0
         tol = 1.2 * (k or 8) / (2 ** (int(kind[3:]) - 1) - 1) if kind in tg.INT_KINDS else 1e-3
         assert (w - t).norm() <= tol * t.norm() + 1e-6, name
+
+
+@pytest.mark.parametrize("env, label", [({}, "int6"), ({"ATTN_BITS": "5", "MLP_BITS": "5"}, "int5"),
+                                        ({"EMBED_BITS": "7"}, "int6_embed7"),
+                                        ({"ATTN_BITS": "8", "MLP_BITS": "6", "EMBED_BITS": "6"}, "attn8_mlp6_embed6")])
+def test_the_artifact_label_names_the_bits_as_configured(env, label):
+    a = tg.Settings(env)
+    assert a.quant_label() == label and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", label)  # as read_artifact requires
 
 
 def test_gate_weights_are_int8_rows_whatever_their_size():

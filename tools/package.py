@@ -1,10 +1,10 @@
 """`bash run.sh package NAME RUN_ID...`: the record folder a pull request needs (SPEC §1), from finished runs.
 
-Reads each run's files as the run wrote them under LOG_DIR (<RUN_ID>.txt, .submission.json, .int6.pgz), refuses
-any run that cannot be part of a record (one `error:` line each, nothing written), and writes RECORDS_DIR/NAME/:
-the packed train_gpt.py, requirements.txt, train_seed<SEED>.log per run, submission.json (every seed's figures,
-their mean and sample standard deviation, the significance test) and README.md. Standard library only (plus the
-train_gpt module, for the packer and the settings)."""
+Reads each run's files as the run wrote them under LOG_DIR (<RUN_ID>.txt, .submission.json and the artifact it
+names, e.g. <RUN_ID>.int6.pgz), refuses any run that cannot be part of a record (one `error:` line each, nothing
+written), and writes RECORDS_DIR/NAME/: the packed train_gpt.py, requirements.txt, train_seed<SEED>.log per run,
+submission.json (every seed's figures, their mean and sample standard deviation, the significance test) and
+README.md. Standard library only (plus the train_gpt module, for the packer and the settings)."""
 import hashlib, json, math, os, re, shlex, shutil, statistics, sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,7 +16,7 @@ import train_gpt as tg  # noqa: E402
 LIMIT_BYTES = 16_000_000  # SPEC §1: code + compressed model, decimal
 LIMIT_SECONDS = 600  # SPEC §1: training, and evaluation, each on 8xH100
 MARGIN_NATS = 0.005  # SPEC §1: a record beats the previous one by 0.005 nats with p < 0.01
-DEFAULT_PREVIOUS_BPB = 1.06108  # SPEC §10: the best merged record (PR #1855)
+DEFAULT_PREVIOUS_BPB = 1.06108  # SPEC §10: the best merged record (PR #1855), counted on CaseOps sidecar bytes
 NOT_REPRODUCED = {"RUN_ID", "LOG_DIR", "SEED", "ARTIFACT", "AUTHOR", "GITHUB_ID"}  # per run, or not the model's
 FIGURES = ["prequant", "roundtrip", "sliding", "ttt"]  # the table's columns before the headline
 
@@ -80,16 +80,19 @@ def read_run(log_dir, run_id, packed, source):
     def bad(why, fix):
         raise tg.ConfigError(f"run {run_id}: {why}; fix: {fix}")
     base = Path(log_dir) / run_id
-    for suffix in (".txt", ".submission.json", ".int6.pgz"):
+    def missing(path):
+        bad(f"{path} is missing", "give the RUN_ID of a finished training run and its LOG_DIR (the files as the run "
+            "wrote them: <RUN_ID>.txt, .submission.json and its artifact, e.g. .int6.pgz)")
+    for suffix in (".txt", ".submission.json"):
         if not Path(f"{base}{suffix}").is_file():
-            bad(f"{base}{suffix} is missing", "give the RUN_ID of a finished training run and its LOG_DIR (the files "
-                "as the run wrote them: <RUN_ID>.txt, .submission.json, .int6.pgz)")
+            missing(f"{base}{suffix}")
     log = Path(f"{base}.txt").read_text(encoding="utf-8", errors="replace")
     try:
         sub = json.loads(Path(f"{base}.submission.json").read_text(encoding="utf-8"))
         metric, legal = sub["metric"], sub["results"][sub["metric"]]["legal"] is True
         seed, model_bytes, bpb, loss = int(sub["seed"]), int(sub["bytes_model"]), sub["val_bpb"], sub["val_loss"]
         eval_s = float(sub["eval_seconds"]) if "eval_seconds" in sub else None
+        artifact = base.parent / Path(sub.get("artifact", f"{run_id}.int6.pgz")).name  # older runs: int6 always
         figures = [v[k] for v in [sub, *sub["results"].values()] for k in ("val_bpb", "val_loss")]
         if not all(isinstance(x, (int, float)) for x in figures):
             raise TypeError("a val_bpb or val_loss is not a number")
@@ -115,8 +118,10 @@ def read_run(log_dir, run_id, packed, source):
             "different runs)", "package a finished run's own files")
     if metric not in tg.LEGAL or not legal:
         bad(f"its headline ({metric}) is not a legal score-first figure", f"score it with one of {', '.join(tg.LEGAL)}")
-    if Path(f"{base}.int6.pgz").stat().st_size != model_bytes:
-        bad(f"{base}.int6.pgz is {Path(f'{base}.int6.pgz').stat().st_size} bytes, the run wrote {model_bytes}",
+    if not artifact.is_file():
+        missing(artifact)
+    if artifact.stat().st_size != model_bytes:
+        bad(f"{artifact} is {artifact.stat().st_size} bytes, the run wrote {model_bytes}",
             "restore the run's own artifact")
     if len(packed) + model_bytes > LIMIT_BYTES:
         bad(f"code {len(packed)} + model {model_bytes} = {len(packed) + model_bytes} bytes exceeds the "
@@ -186,7 +191,8 @@ From the folder holding `data/` (the FineWeb sp1024 shards and tokenizer at thei
 
 ## Significance
 
-Against the previous record, val_bpb {sig['previous_bpb']:.5f}: a record must beat it by {MARGIN_NATS} nats per \
+Against the previous record, val_bpb {sig['previous_bpb']:.5f}, on {sig['denominator']} (the headlines' \
+figures on the same bytes): a record must beat it by {MARGIN_NATS} nats per \
 token with p < 0.01 (one-sided t-test over the seeds). In bits per byte, bpb = (nats/token) / ln 2 x \
 (tokens/byte), so the margin is {MARGIN_NATS} x val_bpb / val_loss (each seed's own ratio, averaged) = \
 {sig['margin_bpb']:.6f} bpb, and the threshold {sig['threshold_bpb']:.6f}. With n seeds of mean m and sample \
@@ -238,7 +244,13 @@ def main(argv):
     env = {k: {"True": "1", "False": "0"}[v] if kinds[k] == "bool" else v for k, v in runs[0]["settings"].items()
            if k not in NOT_REPRODUCED and v != render(getattr(defaults, k.lower()))}  # as the environment spells it
     summary = {"mean": summarise(runs, statistics.fmean, 1), "std": summarise(runs, statistics.stdev, 2)}
-    sig = significance([r["val_bpb"] for r in runs], [r["val_loss"] for r in runs], previous)
+    # CaseOps runs: the test on the sidecar bytes, the denominator the CaseOps records (1.06108 among them) counted
+    side = [r["results"][r["metric"]].get("val_bpb_on_sidecar_bytes") for r in runs]
+    if any(side) and not all(side):
+        raise Refused(["some runs were scored with val byte sidecars and some without; fix: package runs of one "
+                       "tokenisation"])
+    sig = significance(side if all(side) else [r["val_bpb"] for r in runs], [r["val_loss"] for r in runs], previous)
+    sig["denominator"] = "CaseOps sidecar bytes" if all(side) else "the decoded text's bytes"
     first = runs[0]["sub"]
     sub = dict(author=first.get("author"), github_id=first.get("github_id"), name=name,
                date=datetime.now(timezone.utc).isoformat(), val_loss=summary["mean"]["val_loss"],
