@@ -2579,9 +2579,12 @@ def run(a, ctx, run_id, code_bytes):
                 with exact_fp32():
                     H = collect_hessians(ctx, model, x.split(8))
                 cal = time.perf_counter() - t
+                used = round(train_ms / 1000 + cal, 1)  # one rounding: the figure and its check agree
                 ctx.log(f"gptq_calib: train, {n_cal * ctx.world} sequences in {cal:.1f}s; training "
-                        f"{train_ms / 1000:.1f}s + calibration = {train_ms / 1000 + cal:.1f}s of the "
-                        f"{a.max_wallclock_seconds:g}s cap")
+                        f"{train_ms / 1000:.1f}s + calibration = {used:.1f}s "
+                        + (f"of the {a.max_wallclock_seconds:g}s cap" if a.max_wallclock_seconds else "(no time cap)")
+                        + (" warning: over the cap, so not a valid record run; fix: a larger GPTQ_RESERVE_SECONDS"
+                           if a.max_wallclock_seconds and used > a.max_wallclock_seconds else ""))
             state = {k: v.detach().float() for k, v in model.state_dict().items()}
             on_main(ctx, lambda: write_atomic(f"{log_base}.prequant.pgz", encode_artifact(
                 [(k, "fp32", v.cpu().numpy()) for k, v in state.items()], "none", "prequant", a.arch())))

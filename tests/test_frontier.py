@@ -398,6 +398,8 @@ def test_record_frontier_env_holds_valid_settings_of_the_record(repo):
                                                                                                     "polar", 0.1)
     assert tg.slot_layers(a.arch(), True) == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
     assert set(a.codecs) == set(tg.CODEC_NAMES) - {"zpaq-5"}  # zpaq's decode seconds cost more eval than it saves
+    # calibration on training batches inside the cap (#2135's 32), its reserve above the 4-7 s measured by others
+    assert (a.gptq_calib, a.gptq_calib_batches, a.gptq_reserve_seconds) == ("train", 32, 8.0)
 
 
 def test_record_frontier_at_toy_size_lists_what_it_lacks_and_ends_with_a_submission(repo, toy_env, tmp_path):

@@ -731,7 +731,7 @@ E2E_ENV = {"TRAIN_BATCH_TOKENS": "2048", "GRAD_ACCUM_STEPS": "2", "TRAIN_LOG_EVE
 
 
 DDP_ENV = {"TRAIN_BATCH_TOKENS": "2048", "GRAD_ACCUM_STEPS": "1", "TRAIN_LOG_EVERY": "1", "RUN_ID": "ddp",
-           "SLOT_ENABLED": "0", "SLIDING_ENABLED": "0"}
+           "SLOT_ENABLED": "0", "SLIDING_ENABLED": "0", "GPTQ_CALIB": "train", "MAX_WALLCLOCK_SECONDS": "600"}  # a cap 4 steps never reach: the same lr, calibration inside
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
@@ -795,6 +795,12 @@ def test_torchrun_two_ranks_match_one_process(e2e, toy_env, run_script, tmp_path
         assert abs(one[k] - two[k]) <= 1e-4 * abs(one[k]) + 1e-4, (k, one[k], two[k])
     pre = lambda s: float(re.search(r"final_prequant_exact val_loss:([0-9.]+)", s)[1])
     assert pre(r.stdout) == pytest.approx(pre(e2e.stdout), rel=1e-5)  # the weights after 4 steps agree too
+    # training data calibration inside the cap: one sequence a rank, the sum of the two spans against the cap
+    assert line_with(r.stdout, "train_budget:").startswith("train_budget: 580.0s of MAX_WALLCLOCK_SECONDS=600 "
+                                                           "(GPTQ calibration reserve 20s)")
+    m = re.fullmatch(r"gptq_calib: train, 2 sequences in ([0-9.]+)s; training ([0-9.]+)s \+ calibration = "
+                     r"([0-9.]+)s of the 600s cap", line_with(r.stdout, "gptq_calib:"))
+    assert m and abs(float(m[1]) + float(m[2]) - float(m[3])) <= 0.1 + 1e-9, line_with(r.stdout, "gptq_calib:")
     assert len(r.stdout.splitlines()) == len(set(r.stdout.splitlines()))  # only rank 0 logs
     # Checked last on purpose: under heavy CPU load a rank sometimes dies at interpreter exit, after all its
     # work ("terminate called without an active exception", SIGABRT, no Python frames), and torchrun exits 1.
