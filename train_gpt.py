@@ -1976,14 +1976,14 @@ def ngram_hints(tokens, order, threshold):
         h = (h ^ w[off:off + m]) * np.uint64(0x9E3779B97F4A7C15)  # odd multiplier, then a shift: both bijective
         h ^= h >> np.uint64(31)
     o = np.argsort(h, kind="stable")  # positions grouped by context, in time order
-    new = np.r_[True, h[o[1:]] != h[o[:-1]]]
+    new = np.r_[True, np.diff(h[o]) != 0]
     keep = ~(new & np.r_[new[1:], True])  # a context seen once gives no hint and counts for no other
     pos, new = o[keep] + K, new[keep]
     rank = lambda new: np.arange(len(new)) - np.flatnonzero(new)[np.cumsum(new) - 1]  # index within its run
     g, occ, y = np.cumsum(new) - 1, rank(new), tokens[pos].astype(np.int64)
     pk, sp = g * V + y, np.argsort(g * V + y, kind="stable")
     cnt = np.empty_like(pk)
-    cnt[sp] = rank(np.r_[True, pk[sp[1:]] != pk[sp[:-1]]]) + 1  # count of (context, y) up to this occurrence
+    cnt[sp] = rank(np.r_[True, np.diff(pk[sp]) != 0]) + 1  # count of (context, y) up to this occurrence
     base = V * (np.arange(len(pos)) - occ + g)  # above every key of the contexts before: the running max restarts
     top = np.maximum.accumulate(cnt * V + V - 1 - y + base)[:-1] - base[1:]  # top (count, -token) so far
     ok = (occ[1:] > 0) & (top // V / np.maximum(occ[1:], 1) >= threshold)
