@@ -1979,7 +1979,7 @@ def ngram_hints(tokens, order, threshold):
     new = np.r_[True, np.diff(h[o]) != 0]
     keep = ~(new & np.r_[new[1:], True])  # a context seen once gives no hint and counts for no other
     pos, new = o[keep] + K, new[keep]
-    rank = lambda new: np.arange(len(new)) - np.flatnonzero(new)[np.cumsum(new) - 1]  # index within its run
+    rank = lambda starts: np.arange(len(starts)) - np.flatnonzero(starts)[np.cumsum(starts) - 1]  # index in its run
     g, occ, y = np.cumsum(new) - 1, rank(new), tokens[pos].astype(np.int64)
     pk, sp = g * V + y, np.argsort(g * V + y, kind="stable")
     cnt = np.empty_like(pk)
