@@ -140,6 +140,9 @@ SETTINGS = [
     ("SWEEP_SLOT_LR", [], "floats", "sweep grid: SLOT lr"),
     ("SWEEP_SLOT_LR_MIN", [], "floats", "sweep grid: SLOT final lr"),
     ("SWEEP_EVAL_STRIDE", [], "ints", "sweep grid: strides (hidden states are recomputed per stride)"),
+    ("NGRAM_TILT_ORDER", 0, "int", "n-gram tilt of every score: its context length in tokens (0: off; record: 16)"),
+    ("NGRAM_TILT_THRESHOLD", 0.8, "float", "the tilt hints a context's most frequent next token from this share on"),
+    ("NGRAM_TILT_BETA", 2.625, "float", "the tilt multiplies the hinted token's probability by e^beta, renormalised"),
     ("EVAL_BUDGET_SECONDS", 600.0, "float", "the evaluation's hard deadline, from the first read of the val data and "
      "the artifact: TTT stops adapting in time to score the rest unadapted; a run past it ends with an error"),
     ("TTT_ENABLED", False, "bool", "run the score-first TTT evaluation (per-document LoRA + phased global SGD)"),
@@ -305,7 +308,10 @@ class Settings:
                  "<= 65536": (lambda v: v <= 65536, "VOCAB_SIZE MODEL_DIM BIGRAM_DIM VE_DIM TRAIN_SEQ_LEN EVAL_SEQ_LEN "
                               "EVAL_BATCH SLOT_BATCH GPTQ_BLOCK GPTQ_CALIB_BATCHES WORLD_SIZE TTT_LORA_RANK "
                               "TTT_CHUNK_SIZE TTT_BATCH_SIZE TTT_EVAL_SEQ_LEN"),
-                 "in [0.001, 1000]": (lambda v: 1e-3 <= v <= 1e3, "GPTQ_TEMPERATURE")}
+                 "in [0.001, 1000]": (lambda v: 1e-3 <= v <= 1e3, "GPTQ_TEMPERATURE"),
+                 "in [0, 1024]": (lambda v: 0 <= v <= 1024, "NGRAM_TILT_ORDER"),
+                 "in (0, 1]": (lambda v: 0 < v <= 1, "NGRAM_TILT_THRESHOLD"),
+                 "in (0, 30]": (lambda v: 0 < v <= 30, "NGRAM_TILT_BETA")}
         for rule, (ok, names) in rules.items():
             for n in names.split():
                 need(ok(getattr(self, n.lower())), n, f"must be {rule}", f"set {n} to a value {rule}")
@@ -344,6 +350,9 @@ class Settings:
              f"{self.warmup_steps} is below the {variants} compile variants (loop x late QAT): one would compile in the "
              "timed run", f"set WARMUP_STEPS >= {variants}")
         need(self.val_tokens != 1, "VAL_TOKENS", "one token has no target to score", "use 0 (all) or >= 2")
+        tilt_set = " and ".join(sorted({"NGRAM_TILT_THRESHOLD", "NGRAM_TILT_BETA"} & self.explicit))
+        need(self.ngram_tilt_order or not tilt_set, "NGRAM_TILT_ORDER", f"is 0 (off), yet {tilt_set} set",
+             "set NGRAM_TILT_ORDER (the record: 16), or unset them")
         need(self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", f"exceeds EVAL_SEQ_LEN={self.eval_seq_len}",
              "use a stride <= EVAL_SEQ_LEN")
         need(self.slot_lr_min <= self.slot_lr, "SLOT_LR_MIN", f"exceeds SLOT_LR={self.slot_lr}",
@@ -1982,8 +1991,44 @@ def to_device(a, device):
     t = torch.from_numpy(np.ascontiguousarray(a))
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
+def ngram_hints(tokens, order, threshold):
+    """The tilt's hint at each stream position t (-1: none; SPEC section 11): the token that most often followed
+    tokens[t - order:t] before t (ties: the smallest id) if its share is >= threshold; none at t < order (padded)."""
+    n, K, hints = len(tokens), order, np.full(len(tokens), -1, np.int32)
+    bits = max(int(tokens.max(initial=0)).bit_length(), 1)
+    V, c, m = 1 << bits, min(K, 64 // bits), n - K  # ids < V; c tokens packed exactly in a word; m contexts
+    if m < 1:
+        return hints
+    w = sum(np.left_shift(tokens[i:n - c + 1 + i], bits * i, dtype=np.uint64) for i in range(c))
+    h = np.zeros(m, np.uint64)
+    for off in sorted({*range(0, K - c + 1, c), K - c}):  # 64-bit hash of the words that cover the K tokens
+        h = (h ^ w[off:off + m]) * np.uint64(0x9E3779B97F4A7C15)  # odd multiplier, then a shift: both bijective
+        h ^= h >> np.uint64(31)
+    o = np.argsort(h, kind="stable")  # positions grouped by context, in time order
+    new = np.r_[True, np.diff(h[o]) != 0]
+    keep = ~(new & np.r_[new[1:], True])  # a context seen once gives no hint and counts for no other
+    pos, new = o[keep] + K, new[keep]
+    rank = lambda starts: np.arange(len(starts)) - np.flatnonzero(starts)[np.cumsum(starts) - 1]  # index in its run
+    g, occ, y = np.cumsum(new) - 1, rank(new), tokens[pos].astype(np.int64)
+    pk, sp = g * V + y, np.argsort(g * V + y, kind="stable")
+    cnt = np.empty_like(pk)
+    cnt[sp] = rank(np.r_[True, np.diff(pk[sp]) != 0]) + 1  # count of (context, y) up to this occurrence
+    base = V * (np.arange(len(pos)) - occ + g)  # above every key of the contexts before: the running max restarts
+    top = np.maximum.accumulate(cnt * V + V - 1 - y + base)[:-1] - base[1:]  # top (count, -token) so far
+    ok = (occ[1:] > 0) & (top // V / np.maximum(occ[1:], 1) >= threshold)
+    hints[pos[1:][ok]] = V - 1 - top[ok] % V
+    return hints
+
+def scored_nll(val, z, y, tgt):
+    """(nll, logits) of targets y [...] (target indices tgt) under logits z [..., V] as scored; val.tilt = (beta, hints
+    on z's device): softmax(z + beta e_h) = e^{beta [a = h]} p(a) / (1 + p(h)(e^beta - 1)) at a hint h."""
+    if getattr(val, "tilt", None) is not None:
+        h = val.tilt[1][tgt + 1].long()  # target j predicts stream position j + 1
+        z = z.scatter_add(-1, h.clamp_min(0)[..., None], ((h >= 0) * val.tilt[0]).to(z.dtype)[..., None])
+    return F.cross_entropy(z.flatten(0, -2), y.flatten(), reduction="none").view_as(y), z
+
 def window_batch(val, starts, seq_len, stride, batch, device):
-    """Inputs, targets, scored mask, already-scored (context) mask and target bytes for a batch of windows, built on
+    """Inputs, targets, scored mask, already-scored (context) mask, target bytes and indices of a window batch, built on
     the device and padded to `batch` windows with empty masks so that every batch has one shape."""
     tokens, tbytes = on_device(val, device)
     T = len(tokens) - 1
@@ -1995,7 +2040,7 @@ def window_batch(val, starts, seq_len, stride, batch, device):
     idx = tgt.clamp_max(T - 1)
     score = valid & (pos >= torch.where(starts == 0, 0, seq_len - stride)[:, None])
     context = valid & (pos < seq_len - stride) & (starts[:, None] > 0)
-    return tokens[idx], tokens[idx + 1], score, context, tbytes[idx]
+    return tokens[idx], tokens[idx + 1], score, context, tbytes[idx], idx
 
 def slot_fit(model, h, mask, y, p, span=None):
     """SLOT: a delta on the final hidden state and a logit bias (zero-init; per window, or one per batch) fitted by
@@ -2045,8 +2090,8 @@ def evaluate(ctx, model, val, seq_len, stride, batch, points=(None,), label="eva
     t0 = time.perf_counter()
     for b in range(n_batches):
         m0, mine = ctx.mark(), starts[b * batch:(b + 1) * batch]
-        x, y, score, context, nbytes = window_batch(val, starts_dev[b * batch:(b + 1) * batch], seq_len, stride,
-                                                    batch, ctx.device)
+        x, y, score, context, nbytes, tgt = window_batch(val, starts_dev[b * batch:(b + 1) * batch], seq_len, stride,
+                                                         batch, ctx.device)
         with torch.no_grad(), ctx.autocast():
             h = hidden(x)
         h, m1 = h.detach().float(), ctx.mark()
@@ -2062,8 +2107,7 @@ def evaluate(ctx, model, val, seq_len, stride, batch, points=(None,), label="eva
                 delta, bias = delta[:, None], bias[:, None]
             with torch.no_grad():
                 hs = h[:, c0:] if delta is None else h[:, c0:] + delta
-                nll = F.cross_entropy(softcap_logits(hs, W, model.softcap, bias).flatten(0, 1), ys.flatten(),
-                                      reduction="none")
+                nll = scored_nll(val, softcap_logits(hs, W, model.softcap, bias), ys, tgt[:, c0:])[0]
             sums[i] += torch.cat([(nll.view_as(sel).double() * sel).sum()[None], counts])
             spans[i] += [(m0, m1)] * (i == 0) + [(m, ctx.mark())]
         if b == 0:  # the first batch includes compilation: not projected
@@ -2188,6 +2232,7 @@ def ttt_batch(ctx, model, val, docs, p, lora, nll_fn, on_scored=None, adapt=True
     tensors are built on the device and sums are masked: the host never waits on the GPU. adapt=False (past the
     eval deadline): scored the same way, no adapter step. Returns float64 [sum of nll, sum of bytes, count]."""
     tokens, tbytes = on_device(val, ctx.device)
+    tilt = getattr(val, "tilt", None) is not None  # the score is tilted; the adapters train on the model's nll
     order, slot_of = np.argsort(-docs[:, 1], kind="stable"), np.empty(len(docs), np.int64)
     slot_of[np.argsort(docs[:, 1], kind="stable")] = np.arange(len(docs))  # the record's slots: shortest first
     docs = docs[order]  # longest first: live documents are a prefix of the batch
@@ -2214,9 +2259,10 @@ def ttt_batch(ctx, model, val, docs, p, lora, nll_fn, on_scored=None, adapt=True
                 torch._dynamo.maybe_mark_dynamic(t, 0)
             torch._dynamo.maybe_mark_dynamic(x, 1)
             with torch.set_grad_enabled(p["steps"] > 0):  # also where no document trains: one compiled graph
-                nll, z = nll_fn(model, x, y, slot, lora, ctx.bf16, bool(on_scored))
+                nll, z = nll_fn(model, x, y, slot, lora, ctx.bf16, bool(on_scored) or tilt)
             if step == 0:  # the score, final before any update that used these targets
-                sums += torch.stack([(nll.detach().double() * live).sum(), (nbytes * live).sum().double(),
+                score, z = scored_nll(val, z.detach(), y.gather(1, slot), s + tgt) if tilt else (nll.detach(), z)
+                sums += torch.stack([(score.double() * live).sum(), (nbytes * live).sum().double(),
                                      live.sum().double()])
                 if on_scored is not None:
                     mask = (c * C + np.arange(C) < lens[:n, None])
@@ -2391,6 +2437,11 @@ def final_evals(a, ctx, model, val, results, label):
     """Round trip on plain windows, then ONE hidden-state pass per stride that serves sliding scoring and SLOT
     (or every grid point of a sweep), then TTT (or its sweep, in the same table). Fills results[name] =
     (val_loss, val_bpb, seconds) and logs each figure."""
+    K, t = a.ngram_tilt_order, ctx.clock()
+    if K:  # every rank hints the whole stream on its host, inside the eval's time
+        val, hints = Val(*val), ngram_hints(val[0], K, a.ngram_tilt_threshold)
+        val.tilt, hit = (a.ngram_tilt_beta, torch.from_numpy(hints).to(ctx.device)), hints[1:] >= 0
+        ctx.log(f"ngram_tilt: order:{K} hinted:{hit.mean():.4%} of {hit.size} targets seconds:{ctx.clock() - t:.1f}")
     with ctx.phase("eval"):
         L = a.eval_seq_len
         results["roundtrip"] = r = evaluate(ctx, model, val, L, L, a.eval_batch, label="round-trip eval")[0]

@@ -56,7 +56,7 @@ def scored_logprobs(model, val, seq_len, stride, batch, point=None, full=False):
     out_t, out_nll, out_lp = [], [], []
     for b in range(-(-len(starts) // batch)):
         s = starts[b * batch:(b + 1) * batch]
-        x, y, score, context, _ = tg.window_batch(val, s, seq_len, stride, batch, torch.device("cpu"))
+        x, y, score, context, _, _ = tg.window_batch(val, s, seq_len, stride, batch, torch.device("cpu"))
         h = model.forward_hidden(x).float()
         rows, cols = score.nonzero(as_tuple=True)
         hs, bias = h[rows, cols], None

@@ -581,7 +581,7 @@ def test_window_starts_cover_every_target_once():
         # the real masks agree with the rule; the context mask is exactly the window's already-scored part
         tokens = rng.integers(0, 50, T + 1)
         val = (tokens, np.ones(T, np.int64))
-        x, y, score, context, nb = tg.window_batch(val, starts, L, S, len(starts) + 1, CPU)
+        x, y, score, context, nb, _ = tg.window_batch(val, starts, L, S, len(starts) + 1, CPU)
         for k, ws in enumerate(starts):
             tgt = ws + np.arange(L)
             assert sorted(tgt[score[k].numpy()]) == list(scored[k]), (T, L, S, k)

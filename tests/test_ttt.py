@@ -47,11 +47,14 @@ def make_docs(lens, seed=0, vocab=V):
     return [np.concatenate([[tg.BOS_ID], rng.integers(2, vocab, n)]).astype(np.uint16) for n in lens]
 
 
-def run_ttt(model, tokens, p, tbytes=None):
-    """(val_loss, val_bpb) and log p [T, V] of every target, by target index."""
-    tbytes = np.ones(len(tokens) - 1, np.int64) if tbytes is None else tbytes
+def run_ttt(model, tokens, p, tbytes=None, tilt=None):
+    """(val_loss, val_bpb) and log p [T, V] of every target, by target index; tilt: (order, threshold, beta) of the
+    n-gram tilt, its hints computed from these tokens."""
+    val = tg.Val(tokens, np.ones(len(tokens) - 1, np.int64) if tbytes is None else tbytes)
+    if tilt:
+        val.tilt = tilt[2], torch.from_numpy(tg.ngram_hints(tokens, *tilt[:2]))
     got = {}
-    loss, bpb, _ = tg.ttt_evaluate(CTX, model, (tokens, tbytes), p, lambda t, lp: got.update(zip(t.tolist(), lp)))
+    loss, bpb, _ = tg.ttt_evaluate(CTX, model, val, p, lambda t, lp: got.update(zip(t.tolist(), lp)))
     assert sorted(got) == list(range(len(tokens) - 1))  # every target scored exactly once
     return loss, bpb, torch.stack([got[j] for j in range(len(tokens) - 1)])
 
@@ -108,7 +111,7 @@ def causal_ref(sharp_model):
 # positions in doc 0 (long: windows slide), doc 1, doc 2, doc 3 (after the first boundary), doc 5 (end of the
 # prefix), doc 6 (after the last boundary)
 @pytest.mark.parametrize("t", [3, 40, 60, 130, 200, 210, 280, 300])
-def test_changing_token_t_and_later_leaves_earlier_scores(sharp_model, causal_ref, t):
+def test_changing_token_t_and_later_leaves_earlier_scores(sharp_model, causal_ref, t, tilt=None):
     """Documents in the order they are scored (longest first): changing token t and every later one (BOS kept: the
     same documents) leaves the distribution of every target j < t (it predicts token j + 1 <= t) unchanged, though
     batches mix documents, adapters train on scored chunks and the base takes global steps at boundaries; later
@@ -119,9 +122,27 @@ def test_changing_token_t_and_later_leaves_earlier_scores(sharp_model, causal_re
     free = free[free >= t]
     changed[free] = 2 + (changed[free] - 2 + np.random.default_rng(t).integers(1, V - 2, len(free))) % (V - 2)
     assert (changed[free] != tokens[free]).all() and (tg.documents(changed) == tg.documents(tokens)).all()
-    got = run_ttt(sharp_model, changed, P)[2]
+    got = run_ttt(sharp_model, changed, P, tilt=tilt)[2]
     torch.testing.assert_close(got[:t], ref[:t], atol=1e-6, rtol=0)
     assert (got[t:] - ref[t:]).abs().max() > 1e-3
+
+
+TILT = (1, 0.5, 2.625)  # the n-gram tilt at order 1: on these random documents it hints about half the targets
+
+
+@pytest.fixture(scope="module")
+def causal_ref_tilt(sharp_model, causal_ref):
+    tokens, untilted = causal_ref
+    ref = run_ttt(sharp_model, tokens, P, tilt=TILT)[2]
+    assert ((ref - untilted).abs().amax(1) > 1e-3).float().mean() > 0.3  # the tilt changes many targets
+    return tokens, ref
+
+
+@pytest.mark.parametrize("t", [3, 130, 300])
+def test_changing_token_t_and_later_leaves_earlier_scores_with_the_tilt(sharp_model, causal_ref_tilt, t):
+    """The same with the n-gram tilt on top of TTT (hints recomputed from the changed stream): a hint reads only
+    tokens before the target it tilts, so every target j < t keeps its tilted distribution."""
+    test_changing_token_t_and_later_leaves_earlier_scores(sharp_model, causal_ref_tilt, t, tilt=TILT)
 
 
 def test_documents_scored_later_leave_earlier_scored_ones(sharp_model):
