@@ -487,7 +487,8 @@ def test_toy_run_with_every_option_on_trains_exports_reloads_and_scores(toy_env,
     pick = lambda out: next(x for x in out.splitlines() if x.startswith("final_int6_roundtrip_exact")).split(" eval_time")[0]
     assert pick(again.stdout) == pick(r.stdout)
     arrays = tg.read_artifact(r.log_dir / "front.int6.pgz")[1]  # the caps, trained apart, stored as fp32 scalars
-    assert arrays["cap_pos"].dtype == np.float32 and arrays["cap_pos"].shape == () != arrays["cap_pos"] - arrays["cap_neg"]
+    sp, sn = arrays["cap_pos"], arrays["cap_neg"]
+    assert sp.dtype == sn.dtype == np.float32 and sp.shape == sn.shape == () and sp != sn
 
 
 def frontier_env(repo):

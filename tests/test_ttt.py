@@ -195,8 +195,8 @@ def test_uniform_tokens_ttt_cannot_beat_the_bound():
                                      ({"GLOBAL_TTT_MOMENTUM": "1"}, "GLOBAL_TTT_MOMENTUM"),
                                      ({"SWEEP_TTT_LORA_RANK": "8,0"}, "SWEEP_TTT_LORA_RANK"),
                                      ({"TTT_LR": "-1"}, "TTT_LR"),
-                                     *[({"TTT_LOCAL_LR_MULT": v}, "TTT_LOCAL_LR_MULT") for v in ("0", "-1", "nan", "inf",
-                                                                                                "x")],
+                                     *[({"TTT_LOCAL_LR_MULT": v}, "TTT_LOCAL_LR_MULT")
+                                       for v in ("0", "-1", "nan", "inf", "x")],
                                      *[({"TTT_SHORT_CHUNKS": v}, "TTT_SHORT_CHUNKS") for v in (
                                          "256:8,200:24", "256:8,256:24", "256:0", "256", "0:8", "256:8:2", "a:8",
                                          "-5:8", "256:4096")]])
@@ -206,7 +206,7 @@ def test_bad_ttt_settings_are_config_errors(env, msg):
     assert "\n" not in str(e.value)
 
 
-def test_short_chunks_pick_each_batchs_chunk_by_its_longest_document(sharp_model, monkeypatch, capsys):
+def test_short_chunks_pick_each_batchs_chunk_by_its_longest_document(monkeypatch, capsys):
     """The record's table (#2014): 8 under 256 tokens, 24 under 2,000, else 48. In ttt_evaluate each batch runs at its
     longest document's chunk (SHORT_CHUNK: 8, 6, 4, 4), and the window tokens that the projection and the deadline
     count are those of each document at its batch's chunk."""
@@ -220,7 +220,7 @@ def test_short_chunks_pick_each_batchs_chunk_by_its_longest_document(sharp_model
     monkeypatch.setattr(tg, "ttt_nll", lambda model, x, y, slot, *a: (calls[-1].append(slot.size(1)),
                                                                       real_nll(model, x, y, slot, *a))[1])
     tokens = np.concatenate(make_docs(LENS))
-    run_ttt(sharp_model, tokens, dict(P, short_chunks=SHORT))
+    run_ttt(slot_leak.toy_model(vocab=V, dim=32, layers=2, seed=1), tokens, dict(P, short_chunks=SHORT))
     assert calls == [[8] * 12, [6] * 6, [4] * 4, [4]]  # one step per chunk of the longest: 91/8, 33/6, 13/4, 2/4
     n = tg.documents(tokens)[:, 1]
     brute = sum(min((c + 1) * SHORT_CHUNK[m], 32) for m in n for c in range(-(-m // SHORT_CHUNK[m])))
