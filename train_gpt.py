@@ -52,6 +52,8 @@ SETTINGS = [
      "^(d/(d-2)), d = ROPE_DIMS, as the seeds do (0: off)"),
     ("QK_GAIN_INIT", 4.0, "float", "initial per-head query gain"),
     ("LOGIT_SOFTCAP", 30.0, "float", "logit soft cap c in c*tanh(z/c)"),
+    ("LOGIT_SOFTCAP_ASYM", False, "bool", "learnable caps sp, sn (from LOGIT_SOFTCAP): sp*tanh(z/sp) for z > 0, "
+     "sn*tanh(z/sn) otherwise; global TTT trains them too"),
     ("XSA_LAST_N", 11, "int", "exclusive self-attention on the last N layers"),
     ("LN_SCALE", True, "bool", "scale block inputs by 1/sqrt(layer+1)"),
     ("BIGRAM_VOCAB_SIZE", 2048, "int", "BigramHash rows (0: off)"),
@@ -152,10 +154,13 @@ SETTINGS = [
      "mlp: side paths from the attention / MLP input)"),
     ("TTT_WARM_A", True, "bool", "keep each batch slot's trained A for the slot's next document (0: one fixed A)"),
     ("TTT_LR", 0.0001, "float", "AdamW lr of the LoRA adapters (betas 0, TTT_BETA2)"),
+    ("TTT_LOCAL_LR_MULT", 1.0, "float", "the LoRA adapters' lr is TTT_LR x this (GLOBAL_TTT_LR unaffected)"),
     ("TTT_BETA2", 0.99, "float", "AdamW beta2 of the LoRA adapters"),
     ("TTT_EPS", 1e-10, "float", "AdamW eps of the LoRA adapters"),
     ("TTT_WEIGHT_DECAY", 0.5, "float", "AdamW decoupled weight decay of the LoRA adapters"),
     ("TTT_CHUNK_SIZE", 48, "int", "tokens of a document scored before its adapters train on them"),
+    ("TTT_SHORT_CHUNKS", [], "strs", "LENGTH:CHUNK pairs, lengths increasing: a TTT batch whose longest document is "
+     "under a LENGTH (the first) takes its CHUNK in place of TTT_CHUNK_SIZE (e.g. 256:8,2000:24; empty: off)"),
     ("TTT_GRAD_STEPS", 1, "int", "adapter steps per scored chunk (0: score per document without adapting)"),
     ("TTT_BATCH_SIZE", 64, "int", "documents adapted side by side, each with its own adapters"),
     ("TTT_EVAL_SEQ_LEN", 2048, "int", "longest context window inside a document (and global TTT sequence length)"),
@@ -179,7 +184,8 @@ ARCH_KEYS = ["VOCAB_SIZE", "TRAIN_SEQ_LEN", "NUM_LAYERS", "MODEL_DIM", "NUM_HEAD
              "LN_SCALE", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM", "SMEAR_ENABLED", "VE_ENABLED", "VE_DIM", "VE_LAYERS",
              "UNET_SKIPS", "SKIP_GATED", "TIE_EMBEDDINGS", "TIED_EMBED_INIT_STD", "SMEAR_MODE", "GATE_WINDOW",
              "ATTN_OUT_GATE", "ATTN_GATE_SCALE", "DOC_MASK", "NUM_LOOPS", "LOOP_START", "LOOP_END",
-             "PARALLEL_START_LAYER", "ATTN_BITS", "MLP_BITS", "EMBED_BITS"]  # bit widths: the tensor kinds follow
+             "LOGIT_SOFTCAP_ASYM", "PARALLEL_START_LAYER",
+             "ATTN_BITS", "MLP_BITS", "EMBED_BITS"]  # bit widths: the tensor kinds follow
 KIND_TEXT = {"int": "an integer", "float": "a number", "bool": "0 or 1", "ints": "comma-separated integers",
              "floats": "comma-separated numbers", "strs": "comma-separated words", "str": "a string"}
 MAX_PARAMS = 1 << 30  # 4 GiB of fp32 weights: far above the record model (27M), far below a memory bomb
@@ -226,6 +232,7 @@ class Settings:
     @classmethod
     def from_arch(cls, config):
         """Settings of a model config (an artifact's), parsed and checked as if it came from the environment."""
+        config = {"LOGIT_SOFTCAP_ASYM": False, **config}  # an artifact from before the asymmetric cap: symmetric
         if sorted(config) != sorted(ARCH_KEYS):
             raise ConfigError(f"config keys missing or unknown: {sorted(set(config) ^ set(ARCH_KEYS))} (an artifact of "
                               "another version of train_gpt.py: re-export it with this one)")
@@ -252,6 +259,7 @@ class Settings:
         return dict(dict(rank=self.ttt_lora_rank, alpha=self.ttt_lora_alpha, targets=self.ttt_lora_targets,
                          warm_a=self.ttt_warm_a, lr=self.ttt_lr, beta2=self.ttt_beta2, eps=self.ttt_eps,
                          wd=self.ttt_weight_decay, chunk=self.ttt_chunk_size, steps=self.ttt_grad_steps,
+                         local_lr_mult=self.ttt_local_lr_mult, short_chunks=self.ttt_short_chunks,
                          batch=self.ttt_batch_size, seq_len=self.ttt_eval_seq_len, phases=self.phased_ttt_num_phases,
                          prefix_docs=self.phased_ttt_prefix_docs, global_lr=self.global_ttt_lr,
                          global_momentum=self.global_ttt_momentum, global_epochs=self.global_ttt_epochs,
@@ -288,7 +296,7 @@ class Settings:
                          "SWA_EVERY GPTQ_BLOCK ADAM_EPS GPTQ_CALIB_BATCHES SIZE_LIMIT_BYTES BIGRAM_DIM VE_DIM "
                          "ROPE_BASE LOGIT_SOFTCAP GPTQ_TEMPERATURE GPTQ_DAMP TTT_LORA_RANK TTT_CHUNK_SIZE "
                          "TTT_BATCH_SIZE TTT_EVAL_SEQ_LEN GLOBAL_TTT_CHUNK TTT_LORA_ALPHA TTT_EPS GATE_WINDOW "
-                         "EVAL_BUDGET_SECONDS"),
+                         "EVAL_BUDGET_SECONDS TTT_LOCAL_LR_MULT"),
                  ">= 0": (lambda v: v >= 0, "WARMUP_STEPS WARMDOWN_ITERS MAX_WALLCLOCK_SECONDS VAL_LOSS_EVERY "
                           "VAL_TOKENS ROPE_DIMS XSA_LAST_N BIGRAM_VOCAB_SIZE TIED_EMBED_LR HEAD_LR MATRIX_LR "
                           "SCALAR_LR MUON_WD MUON_MOMENTUM_WARMUP_STEPS ADAM_WD GRAD_CLIP_NORM GPTQ_RESERVE_SECONDS "
@@ -380,6 +388,10 @@ class Settings:
                  f"chunks must be in [1, TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len}]", "use chunks <= TTT_EVAL_SEQ_LEN")
         need(set(self.codecs) <= set(CODEC_NAMES), "CODECS", f"must be a subset of {','.join(CODEC_NAMES)}",
              "list some of them, e.g. CODECS=rans,brotli-11 (or leave it empty: all)")
+        sc = [tuple(map(int, x.split(":"))) if re.fullmatch(r"\d+:\d+", x) else (0, 0) for x in self.ttt_short_chunks]
+        need(all(0 < c <= self.ttt_eval_seq_len and a < b for (a, _), (b, c) in zip([(0, 0)] + sc, sc)),
+             "TTT_SHORT_CHUNKS", "needs LENGTH:CHUNK pairs, lengths positive and increasing, chunks in [1, "
+             f"TTT_EVAL_SEQ_LEN={self.ttt_eval_seq_len}]", "set e.g. TTT_SHORT_CHUNKS=256:8,2000:24, or leave it empty")
         need(set(self.ttt_lora_targets) <= set(LORA_TARGETS), "TTT_LORA_TARGETS",
              f"must be a subset of {','.join(LORA_TARGETS)}", "list some of q,k,v,o,mlp,head (e.g. k,o,mlp,head)")
         need(self.embed_bits == 8 or self.tie_embeddings, "EMBED_BITS", "GPTQ of the embedding takes its Hessian from "
@@ -402,7 +414,8 @@ def param_count(c):
     return (V * d * (2 - c["TIE_EMBEDDINGS"]) + L * (2 * d * d + 2 * d * kv + h + 2 * c["MLP_MULT"] * d * d + 4 * d)
             + min(enc, S - enc) * d * (1 + c["SKIP_GATED"]) + (bv * bd + bd * d + 1) * (bv > 0)
             + c["SMEAR_ENABLED"] * (d if c["SMEAR_MODE"] == "channel" else w + 1) + L * h * w * c["ATTN_OUT_GATE"]
-            + 6 * (L - P) * (P > 0) + (V * vd + vd * kv + 1 + len(c["VE_LAYERS"])) * c["VE_ENABLED"])
+            + 6 * (L - P) * (P > 0) + (V * vd + vd * kv + 1 + len(c["VE_LAYERS"])) * c["VE_ENABLED"]
+            + 2 * c["LOGIT_SOFTCAP_ASYM"])
 
 def slot_layers(c, looping):
     """The physical layer of each slot of the forward: with the loop on, LOOP_START..LOOP_END run NUM_LOOPS extra
@@ -589,6 +602,8 @@ def softcap_logits(h, weight, cap, bias=None):
     z = F.linear(h, weight)
     if bias is not None:
         z = z + bias
+    if isinstance(cap, tuple):  # LOGIT_SOFTCAP_ASYM's 0-d (sp, sn): sp where z > 0, sn elsewhere; z keeps its dtype
+        return torch.where(z > 0, cap[0] * torch.tanh(z / cap[0]), cap[1] * torch.tanh(z / cap[1]))
     return cap * torch.tanh(z / cap)
 
 def fake_quant_int6(w):
@@ -838,6 +853,8 @@ class GPT(nn.Module):
         super().__init__()
         V, d, L = c["VOCAB_SIZE"], c["MODEL_DIM"], c["NUM_LAYERS"]
         self.softcap, self.rope_dims = c["LOGIT_SOFTCAP"], c["ROPE_DIMS"]
+        if c["LOGIT_SOFTCAP_ASYM"]:  # (sp, sn): AdamW's scalar group, fp32 in the artifact, trained by global TTT
+            self.cap_pos, self.cap_neg = self.softcap = tuple(nn.Parameter(torch.tensor(self.softcap)) for _ in "pn")
         self.tok_emb = nn.Embedding(V, d)
         self.bigram = BigramHash(c["BIGRAM_VOCAB_SIZE"], c["BIGRAM_DIM"], d) if c["BIGRAM_VOCAB_SIZE"] else None
         self.smear = SmearGate(d, c["SMEAR_MODE"], c["GATE_WINDOW"]) if c["SMEAR_ENABLED"] else None
@@ -2132,6 +2149,11 @@ def documents(tokens):
     starts = np.union1d([0], np.flatnonzero(tokens[:-1] == BOS_ID))
     return np.stack([starts, np.append(starts[1:], len(tokens) - 1) - starts], 1)
 
+def ttt_chunk(p, longest):
+    """TTT_SHORT_CHUNKS: the chunk of a TTT batch (or of each) whose longest document has `longest` tokens."""
+    sc = [tuple(map(int, x.split(":"))) for x in p["short_chunks"]]
+    return np.array([c for _, c in sc] + [p["chunk"]])[np.searchsorted([t for t, _ in sc], longest, "right")]
+
 def ttt_window_tokens(n, chunk, seq_len):
     """Tokens forwarded to score documents of n targets chunk by chunk, each chunk with a window of at most seq_len
     tokens (the last partial chunk counted whole): the unit of TTT work for projections."""
@@ -2208,11 +2230,11 @@ class TTTAdapters:
     def step(self, n):
         """One AdamW step (betas (0, beta2), decoupled weight decay) of the first n documents' adapters."""
         p, self.t = self.p, self.t + 1
-        c2 = math.sqrt(1 - p["beta2"] ** self.t)
+        c2, lr = math.sqrt(1 - p["beta2"] ** self.t), p["lr"] * p["local_lr_mult"]
         for w, g, v in [(self.A, self.a.grad, self.vA)] + [(self.B[o], self.b[o].grad, self.vB[o]) for o in self.B]:
             w, g, v = w[:n], g[:n], v[:n]
             v.mul_(p["beta2"]).addcmul_(g, g, value=1 - p["beta2"])
-            w.mul_(1 - p["lr"] * p["wd"]).addcdiv_(g, v.sqrt() / c2 + p["eps"], value=-p["lr"])
+            w.mul_(1 - lr * p["wd"]).addcdiv_(g, v.sqrt() / c2 + p["eps"], value=-lr)
 
 def ttt_nll(model, x, y, slot, lora, bf16, keep_logits):
     """NLL [n, C] of each document's chunk (positions `slot` of its window x): hidden states under bf16 autocast,
@@ -2236,7 +2258,7 @@ def ttt_batch(ctx, model, val, docs, p, lora, nll_fn, on_scored=None, adapt=True
     order, slot_of = np.argsort(-docs[:, 1], kind="stable"), np.empty(len(docs), np.int64)
     slot_of[np.argsort(docs[:, 1], kind="stable")] = np.arange(len(docs))  # the record's slots: shortest first
     docs = docs[order]  # longest first: live documents are a prefix of the batch
-    lens, C, L, dev = docs[:, 1], p["chunk"], p["seq_len"], ctx.device
+    lens, C, L, dev = docs[:, 1], int(ttt_chunk(p, docs[0, 1])), p["seq_len"], ctx.device
     st, ln = to_device(docs[:, 0].astype(np.int64), dev), to_device(lens.astype(np.int64), dev)
     ar = torch.arange(max(C, -(-L // TTT_PAD) * TTT_PAD), device=dev)
     sums = torch.zeros(3, dtype=torch.float64, device=dev)
@@ -2258,6 +2280,8 @@ def ttt_batch(ctx, model, val, docs, p, lora, nll_fn, on_scored=None, adapt=True
             for t in (x, y, slot, *lora.open(n, train=p["steps"] > 0)):  # one graph for every batch and window size
                 torch._dynamo.maybe_mark_dynamic(t, 0)
             torch._dynamo.maybe_mark_dynamic(x, 1)
+            if p["short_chunks"]:  # chunks of several sizes: still one graph
+                torch._dynamo.maybe_mark_dynamic(slot, 1)
             with torch.set_grad_enabled(p["steps"] > 0):  # also where no document trains: one compiled graph
                 nll, z = nll_fn(model, x, y, slot, lora, ctx.bf16, bool(on_scored) or tilt)
             if step == 0:  # the score, final before any update that used these targets
@@ -2349,7 +2373,10 @@ def ttt_evaluate(ctx, model, val, p, on_scored=None, label="TTT eval", compiled=
     saved = [q.detach().clone() for q in model.parameters()]
     sums = torch.zeros(5, dtype=torch.float64, device=ctx.device)  # nll, bytes, targets; unadapted docs, targets
     order = np.argsort(-docs[:, 1], kind="stable")  # longest first: even batches, and the longest learn first
-    work = ttt_window_tokens(docs[:, 1], p["chunk"], p["seq_len"])
+    chunk = np.empty(len(docs), np.int64)  # each document's: that of its batch, which the batch's longest one leads
+    for j, hi in ((j, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) for j in range(lo, hi, B)):
+        chunk[order[j:min(j + B, hi)]] = ttt_chunk(p, docs[order[j], 1])
+    work = ttt_window_tokens(docs[:, 1], chunk, p["seq_len"])
     total = int(work.sum()) / ctx.world  # window tokens a rank
     lora, shared = TTTAdapters(model, p, B, ctx.device), Shared(ctx)
     nll_fn = compile_fn(ttt_nll, "ttt_nll", 1) if compiled else ttt_nll  # dynamic dims: one graph for all batches

@@ -534,7 +534,7 @@ class StepModel:
 def batch_steps(lens, p):
     """The chunk steps of one ttt_batch: arrays (n, nt, T) as it computes them (longest first; at least 2 rows)."""
     lens = np.sort(np.asarray(lens, np.int64))[::-1]
-    C, L = p["chunk"], p["seq_len"]
+    C, L = int(tg.ttt_chunk(p, lens[0])), p["seq_len"]  # the batch's chunk (TTT_SHORT_CHUNKS), as ttt_batch takes it
     c = np.arange(-(-int(lens[0]) // C))
     live = np.searchsorted(-lens, -c * C, side="left")
     nt = np.searchsorted(-lens, -(c + 1) * C, side="left") * (p["steps"] > 0)

@@ -283,11 +283,119 @@ def test_adamw_weight_decay_per_group():
                                      ({"PARALLEL_START_LAYER": "4", "NUM_LOOPS": "1"}, "PARALLEL_START_LAYER"),
                                      ({"SMEAR_MODE": "token"}, "SMEAR_MODE"), ({"MUON_NS": "cubic"}, "MUON_NS"),
                                      ({"MIN_LR": "1.5"}, "MIN_LR"), ({"EMBED_WD": "-0.5"}, "EMBED_WD"),
-                                     ({"GATE_WINDOW": "600"}, "GATE_WINDOW"), ({"CODECS": "rans,gzip"}, "CODECS"), ({"ENABLE_LOOPING_AT": "2"},
-                                                                              "ENABLE_LOOPING_AT")])
+                                     ({"GATE_WINDOW": "600"}, "GATE_WINDOW"), ({"CODECS": "rans,gzip"}, "CODECS"),
+                                     ({"ENABLE_LOOPING_AT": "2"}, "ENABLE_LOOPING_AT"),
+                                     ({"LOGIT_SOFTCAP_ASYM": "2"}, "LOGIT_SOFTCAP_ASYM")])
 def test_bad_frontier_settings_are_config_errors(env, msg):
-    with pytest.raises(tg.ConfigError, match=msg):
+    with pytest.raises(tg.ConfigError, match=msg) as e:
         tg.Settings(env)
+    assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- asymmetric logit soft cap (SPEC 11)
+
+ASYM = dict(SMALL, LOGIT_SOFTCAP_ASYM="1", LOGIT_SOFTCAP="4.0", VOCAB_SIZE="96")
+
+
+def capped_by_hand(z, sp, sn):
+    """sp tanh(z / sp) for z > 0, sn tanh(z / sn) otherwise, element by element in float64."""
+    out = [sp * math.tanh(v / sp) if v > 0 else sn * math.tanh(v / sn) for v in z.double().flatten().tolist()]
+    return torch.tensor(out, dtype=torch.float64).view_as(z)
+
+
+def test_asymmetric_cap_trains_in_the_scalar_group_and_is_its_formula():
+    """Both caps start at LOGIT_SOFTCAP, sit in AdamW's scalar group (lr SCALAR_LR, SCALAR_WD) and a few training
+    steps move them apart: then the logits, positive and negative, are the formula by hand with the new sp and sn."""
+    a = tg.Settings({**ASYM, "SCALAR_LR": "0.05", "SCALAR_WD": "0.01"})
+    model = model_of(**ASYM).requires_grad_(True)
+    assert tg.param_count(a.arch()) == sum(q.numel() for q in model.parameters()) == tg.param_count(
+        tg.Settings(dict(ASYM, LOGIT_SOFTCAP_ASYM="0")).arch()) + 2
+    with torch.no_grad():
+        model.cap_pos.fill_(4.0), model.cap_neg.fill_(4.0)
+    adam, _ = tg.build_optimizers(model, a, 0, 1)
+    group, = [g for g in adam.param_groups if any(q is model.cap_pos for q in g["params"])]
+    assert any(q is model.cap_neg for q in group["params"]) and (group["lr"], group["weight_decay"]) == (0.05, 0.01)
+    ids = ids_of(B=1, T=17) % 96
+    for _ in range(3):  # AdamW's first step is +-lr for either: the second tells their gradients apart
+        adam.zero_grad()
+        model(ids[:, :-1], ids[:, 1:]).backward()
+        adam.step()
+    sp, sn = model.cap_pos.item(), model.cap_neg.item()
+    assert abs(sp - sn) > 1e-2
+    with torch.no_grad():
+        h = model.forward_hidden(ids)
+        z = h @ model.head_weight().T
+        got = model.logits(h)
+    assert (z > 1).any() and (z < -1).any() and z.abs().max() > 4  # both signs, and saturated ones
+    torch.testing.assert_close(got.double(), capped_by_hand(z, sp, sn), rtol=1e-5, atol=1e-5)
+
+
+def test_asymmetric_caps_round_trip_through_the_artifact(tmp_path):
+    """The caps are fp32 scalars of the artifact (never quantised), its header carries LOGIT_SOFTCAP_ASYM, and the
+    model read back from a prequant artifact gives the very same logits; from the int6 export, the same caps."""
+    a = tg.Settings({**ASYM, "ARTIFACT": str(tmp_path / "a.pgz"), "CODECS": "lzma-9"})
+    model = model_of(**ASYM)
+    with torch.no_grad():
+        model.cap_pos.fill_(3.25), model.cap_neg.fill_(6.5)
+    c, ids, ctx = a.arch(), ids_of(B=1, T=24) % 96, tg.Ctx(0, 1, 0, CPU)
+    assert tg.quant_kind("cap_pos", model.cap_pos, c) == tg.quant_kind("cap_neg", model.cap_neg, c) == "fp32"
+    state = {k: v.detach().float() for k, v in model.state_dict().items()}
+    (tmp_path / "p.pgz").write_bytes(tg.encode_artifact([(k, "fp32", v.numpy()) for k, v in state.items()], "none",
+                                                        "prequant", c))
+    tg.export(a, ctx, state, {}, 0)
+    logits = {}
+    for name in ("p.pgz", "a.pgz"):
+        header, arrays = tg.read_artifact(tmp_path / name)
+        assert header["config"]["LOGIT_SOFTCAP_ASYM"] is True
+        assert (arrays["cap_pos"].dtype, arrays["cap_pos"].shape, float(arrays["cap_neg"])) == (np.float32, (), 6.5)
+        back = tg.model_from(header["config"], tg.dequantize(arrays), ctx, False)
+        assert (back.cap_pos.item(), back.cap_neg.item()) == (3.25, 6.5)
+        logits[name] = back.logits(back.forward_hidden(ids))
+    assert torch.equal(logits["p.pgz"], model.logits(model.forward_hidden(ids)))
+
+
+def test_symmetric_cap_adds_no_tensor_and_an_older_header_still_loads(tmp_path):
+    """LOGIT_SOFTCAP_ASYM=0: no new state-dict key (the artifact is as before), and a header written before the
+    setting existed (no LOGIT_SOFTCAP_ASYM key) loads as the symmetric model with the same logits."""
+    model = model_of()
+    assert not [k for k in model.state_dict() if "cap" in k] and isinstance(model.softcap, float)
+    c = tg.Settings(SMALL).arch()
+    old = {k: v for k, v in c.items() if k != "LOGIT_SOFTCAP_ASYM"}
+    (tmp_path / "old.pgz").write_bytes(tg.encode_artifact([(k, "fp32", v.numpy()) for k, v in
+                                                           model.state_dict().items()], "none", "prequant", old))
+    header, arrays = tg.read_artifact(tmp_path / "old.pgz")
+    assert header["config"] == c
+    back = tg.model_from(header["config"], tg.dequantize(arrays), tg.Ctx(0, 1, 0, CPU), False)
+    ids = ids_of(B=1, T=16)
+    assert torch.equal(back.logits(back.forward_hidden(ids)), model.logits(model.forward_hidden(ids)))
+
+
+def test_asymmetric_caps_reach_every_eval_and_global_ttt_trains_them_then_restores(monkeypatch):
+    """Caps at (c, c) score as the symmetric model in the plain, SLOT and TTT evals (global TTT off: it would move
+    them); caps apart change every figure. Global TTT steps the caps with the base weights; after ttt_evaluate they
+    are back as they were."""
+    sym, asym = model_of(), model_of(LOGIT_SOFTCAP_ASYM=1)
+    asym.load_state_dict({**sym.state_dict(), "cap_pos": torch.tensor(30.0), "cap_neg": torch.tensor(30.0)})
+    rng = np.random.default_rng(0)
+    tokens = np.concatenate([np.concatenate([[tg.BOS_ID], rng.integers(2, 1024, n)]) for n in (40, 25, 70, 9, 33, 50)])
+    val, ctx = (tokens.astype(np.uint16), np.ones(len(tokens) - 1)), tg.Ctx(0, 1, 0, CPU)
+    p = tg.Settings({}).ttt_point(rank=4, chunk=8, batch=2, seq_len=32, phases=1, prefix_docs=4, lr=0.01,
+                                  global_lr=0.05, global_chunk=64)
+    slot = tg.Settings({"SLOT_STEPS": "2"}).slot_point(stride=16)
+
+    def figures(m, p=p):
+        return [r[0] for r in tg.evaluate(ctx, m, val, 32, 16, 4, (None, slot))] + [tg.ttt_evaluate(ctx, m, val, p)[0]]
+    assert figures(asym, dict(p, global_lr=0.0)) == pytest.approx(figures(sym, dict(p, global_lr=0.0)), rel=1e-6)
+    ref = figures(sym)
+    with torch.no_grad():
+        asym.cap_pos.fill_(2.5), asym.cap_neg.fill_(4.0)
+    seen, real = [], tg.global_sgd
+    monkeypatch.setattr(tg, "global_sgd", lambda *args: (real(*args), seen.append((asym.cap_pos.item(),
+                                                                                    asym.cap_neg.item()))))
+    apart = figures(asym)
+    assert all(abs(x - y) > 1e-4 for x, y in zip(apart, ref))
+    assert len(seen) == 1 and abs(seen[0][0] - 2.5) > 1e-5 and abs(seen[0][1] - 4.0) > 1e-5
+    assert (asym.cap_pos.item(), asym.cap_neg.item()) == (2.5, 4.0)
 
 
 # ----------------------------------------------------------------------------- compile: no graph after warm-up
@@ -367,7 +475,8 @@ def test_toy_run_with_every_option_on_trains_exports_reloads_and_scores(toy_env,
            "WARMDOWN_FRAC": "0.85", "EMBED_WD": "0.085", "SCALAR_WD": "0.02", "SLOT_MODE": "causal",
            "TTT_ENABLED": "1", "TTT_LORA_RANK": "4", "TTT_LORA_ALPHA": "4", "TTT_EVAL_SEQ_LEN": "64",
            "TTT_BATCH_SIZE": "8", "PHASED_TTT_PREFIX_DOCS": "6", "GLOBAL_TTT_CHUNK": "256", "VAL_TOKENS": "2048",
-           "EMBED_BITS": "7"}
+           "EMBED_BITS": "7", "LOGIT_SOFTCAP_ASYM": "1", "TTT_LORA_TARGETS": "k,o,mlp,head",
+           "TTT_LOCAL_LR_MULT": "0.75", "TTT_SHORT_CHUNKS": "16:4,40:8"}
     r = run_script({**env, "RUN_ID": "front"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "looping: layers 1..2 run 2 more times from step 3 (10 slots)" in r.stdout
@@ -383,6 +492,9 @@ def test_toy_run_with_every_option_on_trains_exports_reloads_and_scores(toy_env,
     pick = lambda out: next(x for x in out.splitlines()
                             if x.startswith("final_int6_embed7_roundtrip_exact")).split(" eval_time")[0]
     assert pick(again.stdout) == pick(r.stdout)
+    arrays = tg.read_artifact(artifact)[1]  # the caps, trained apart, stored as fp32 scalars
+    sp, sn = arrays["cap_pos"], arrays["cap_neg"]
+    assert sp.dtype == sn.dtype == np.float32 and sp.shape == sn.shape == () and sp != sn
 
 
 def frontier_env(repo):

@@ -25,6 +25,10 @@ V = 96
 P = tg.Settings({}).ttt_point(rank=4, chunk=8, batch=3, seq_len=32, phases=2, prefix_docs=6, lr=0.01,
                               global_lr=0.02, global_chunk=64)
 LENS = [30, 5, 70, 12, 1, 44, 90, 20, 9, 33]
+# TTT_SHORT_CHUNKS on LENS's documents (targets 91, 71, 45 | 33, 31, 21 | 13, 10, 6 | 2 in batches of 3, longest
+# first): chunks 8, 6, 4, 4 by batch
+SHORT = ["20:4", "40:6"]
+SHORT_CHUNK = {91: 8, 71: 8, 45: 8, 33: 6, 31: 6, 21: 6, 13: 4, 10: 4, 6: 4, 2: 4}
 
 
 # the seeds' architecture, and the record's parts on (a loop: 6 slots over 4 layers, parallel lanes, gates,
@@ -40,6 +44,12 @@ def sharp_model(request):
     model = slot_leak.toy_model(vocab=V, dim=32, layers=4, seed=1, perturb=0.3, **FRONTIER)
     assert model.slots == [0, 1, 2, 1, 2, 3]  # evals loop
     return model
+
+
+@pytest.fixture(scope="module", params=["chunk", "short_chunks"])
+def chunking(request):
+    """TTT_CHUNK_SIZE alone, or TTT_SHORT_CHUNKS on too: the legality tests hold for both."""
+    return request.param == "short_chunks"
 
 
 def make_docs(lens, seed=0, vocab=V):
@@ -75,23 +85,25 @@ def test_window_tokens_formula():
         assert tg.ttt_window_tokens(n, 8, 32) == brute
 
 
-def test_zero_lr_equals_direct_per_document_scoring(sharp_model):
+def test_zero_lr_equals_direct_per_document_scoring(sharp_model, chunking):
     """All learning rates 0: every target j of a document is predicted from the document's tokens of the window
-    that scores its chunk, tokens[ws : j + 1], ws = max(0, chunk end - seq_len); one direct forward each."""
-    tokens = np.concatenate(make_docs(LENS))
+    that scores its chunk, tokens[ws : j + 1], ws = max(0, chunk end - seq_len); one direct forward each. The chunk:
+    8, or with TTT_SHORT_CHUNKS that of the document's batch (SHORT_CHUNK)."""
+    tokens, p = np.concatenate(make_docs(LENS)), dict(P, short_chunks=SHORT if chunking else [])
     tbytes = np.random.default_rng(1).integers(1, 5, len(tokens) - 1)
-    loss, bpb, _ = run_ttt(sharp_model, tokens, dict(P, lr=0.0, global_lr=0.0), tbytes)
+    loss, bpb, _ = run_ttt(sharp_model, tokens, dict(p, lr=0.0, global_lr=0.0), tbytes)
     nll = 0.0
     with torch.no_grad():
         for s, n in tg.documents(tokens):
+            C = SHORT_CHUNK[n] if chunking else 8
             for j in range(n):
-                ws = max(0, min((j // 8 + 1) * 8, n) - 32)
+                ws = max(0, min((j // C + 1) * C, n) - 32)
                 z = sharp_model.logits(sharp_model.forward_hidden(torch.from_numpy(
                     tokens[s + ws:s + j + 1].astype(np.int64))[None])[0, -1]).double()
                 nll -= F.log_softmax(z, -1)[int(tokens[s + j + 1])].item()
     assert loss == pytest.approx(nll / (len(tokens) - 1), rel=1e-6)
     assert bpb == pytest.approx(nll / math.log(2) / tbytes.sum(), rel=1e-6)
-    ttt_loss, _, _ = run_ttt(sharp_model, tokens, P, tbytes)
+    ttt_loss, _, _ = run_ttt(sharp_model, tokens, p, tbytes)
     assert ttt_loss < loss - 1e-3  # with learning rates the same documents score differently (here: better)
 
 
@@ -103,9 +115,10 @@ def test_weights_restored(sharp_model):
 
 
 @pytest.fixture(scope="module")
-def causal_ref(sharp_model):
+def causal_ref(sharp_model, chunking):
     tokens = np.concatenate(make_docs(sorted(LENS, reverse=True)))  # the stream in the order TTT scores it
-    return tokens, run_ttt(sharp_model, tokens, P)[2]
+    p = dict(P, short_chunks=SHORT if chunking else [])
+    return tokens, p, run_ttt(sharp_model, tokens, p)[2]
 
 
 # positions in doc 0 (long: windows slide), doc 1, doc 2, doc 3 (after the first boundary), doc 5 (end of the
@@ -116,13 +129,13 @@ def test_changing_token_t_and_later_leaves_earlier_scores(sharp_model, causal_re
     same documents) leaves the distribution of every target j < t (it predicts token j + 1 <= t) unchanged, though
     batches mix documents, adapters train on scored chunks and the base takes global steps at boundaries; later
     targets do change."""
-    tokens, ref = causal_ref
+    tokens, p, ref = causal_ref
     changed = tokens.copy()
     free = np.flatnonzero(tokens != tg.BOS_ID)
     free = free[free >= t]
     changed[free] = 2 + (changed[free] - 2 + np.random.default_rng(t).integers(1, V - 2, len(free))) % (V - 2)
     assert (changed[free] != tokens[free]).all() and (tg.documents(changed) == tg.documents(tokens)).all()
-    got = run_ttt(sharp_model, changed, P, tilt=tilt)[2]
+    got = run_ttt(sharp_model, changed, p, tilt=tilt)[2]
     torch.testing.assert_close(got[:t], ref[:t], atol=1e-6, rtol=0)
     assert (got[t:] - ref[t:]).abs().max() > 1e-3
 
@@ -132,10 +145,10 @@ TILT = (1, 0.5, 2.625)  # the n-gram tilt at order 1: on these random documents 
 
 @pytest.fixture(scope="module")
 def causal_ref_tilt(sharp_model, causal_ref):
-    tokens, untilted = causal_ref
-    ref = run_ttt(sharp_model, tokens, P, tilt=TILT)[2]
+    tokens, p, untilted = causal_ref
+    ref = run_ttt(sharp_model, tokens, p, tilt=TILT)[2]
     assert ((ref - untilted).abs().amax(1) > 1e-3).float().mean() > 0.3  # the tilt changes many targets
-    return tokens, ref
+    return tokens, p, ref
 
 
 @pytest.mark.parametrize("t", [3, 130, 300])
@@ -145,17 +158,17 @@ def test_changing_token_t_and_later_leaves_earlier_scores_with_the_tilt(sharp_mo
     test_changing_token_t_and_later_leaves_earlier_scores(sharp_model, causal_ref_tilt, t, tilt=TILT)
 
 
-def test_documents_scored_later_leave_earlier_scored_ones(sharp_model):
+def test_documents_scored_later_leave_earlier_scored_ones(sharp_model, chunking):
     """The stream out of scoring order: docs 3, 8, 1 and 4 (lengths 12, 9, 5, 1) run in the last two batches, after
     both boundaries; changing their tokens leaves every target of the other documents, earlier in the stream or
     later, unchanged, and changes their own."""
-    tokens = np.concatenate(make_docs(LENS))
-    ref, changed = run_ttt(sharp_model, tokens, P)[2], tokens.copy()
+    tokens, p = np.concatenate(make_docs(LENS)), dict(P, short_chunks=SHORT if chunking else [])
+    ref, changed = run_ttt(sharp_model, tokens, p)[2], tokens.copy()
     late = np.zeros(len(tokens) - 1, bool)
     for s, n in tg.documents(tokens)[[3, 8, 1, 4]]:
         late[s:s + n] = True
         changed[s + 1:s + n] = 2 + (tokens[s + 1:s + n] - 1) % (V - 2)
-    got = run_ttt(sharp_model, changed, P)[2]
+    got = run_ttt(sharp_model, changed, p)[2]
     torch.testing.assert_close(got[~late], ref[~late], atol=1e-6, rtol=0)
     assert (got[late] - ref[late]).abs().max() > 1e-3
 
@@ -202,10 +215,86 @@ def test_uniform_tokens_ttt_cannot_beat_the_bound():
                                      ({"TTT_LORA_TARGETS": "q,ffn"}, "TTT_LORA_TARGETS"),
                                      ({"GLOBAL_TTT_MOMENTUM": "1"}, "GLOBAL_TTT_MOMENTUM"),
                                      ({"SWEEP_TTT_LORA_RANK": "8,0"}, "SWEEP_TTT_LORA_RANK"),
-                                     ({"TTT_LR": "-1"}, "TTT_LR")])
+                                     ({"TTT_LR": "-1"}, "TTT_LR"),
+                                     *[({"TTT_LOCAL_LR_MULT": v}, "TTT_LOCAL_LR_MULT")
+                                       for v in ("0", "-1", "nan", "inf", "x")],
+                                     *[({"TTT_SHORT_CHUNKS": v}, "TTT_SHORT_CHUNKS") for v in (
+                                         "256:8,200:24", "256:8,256:24", "256:0", "256", "0:8", "256:8:2", "a:8",
+                                         "-5:8", "256:4096")]])
 def test_bad_ttt_settings_are_config_errors(env, msg):
-    with pytest.raises(tg.ConfigError, match=msg):
+    with pytest.raises(tg.ConfigError, match=msg) as e:
         tg.Settings(env)
+    assert "\n" not in str(e.value)
+
+
+def test_short_chunks_pick_each_batchs_chunk_by_its_longest_document(monkeypatch, capsys):
+    """The record's table (#2014): 8 under 256 tokens, 24 under 2,000, else 48. In ttt_evaluate each batch runs at its
+    longest document's chunk (SHORT_CHUNK: 8, 6, 4, 4), and the window tokens that the projection and the deadline
+    count are those of each document at its batch's chunk."""
+    p = tg.Settings({"TTT_SHORT_CHUNKS": "256:8,2000:24"}).ttt_point()
+    table = {1: 8, 200: 8, 255: 8, 256: 24, 1999: 24, 2000: 48, 10 ** 6: 48}
+    assert [tg.ttt_chunk(p, n) for n in table] == list(table.values())
+    assert tg.ttt_chunk(p, np.array(list(table))).tolist() == list(table.values())
+    assert tg.ttt_chunk(tg.Settings({}).ttt_point(), 100) == 48
+    calls, real_nll, real_reset = [], tg.ttt_nll, tg.TTTAdapters.reset
+    monkeypatch.setattr(tg.TTTAdapters, "reset", lambda self, slots=None: (calls.append([]), real_reset(self, slots)))
+    monkeypatch.setattr(tg, "ttt_nll", lambda model, x, y, slot, *a: (calls[-1].append(slot.size(1)),
+                                                                      real_nll(model, x, y, slot, *a))[1])
+    tokens = np.concatenate(make_docs(LENS))
+    run_ttt(slot_leak.toy_model(vocab=V, dim=32, layers=2, seed=1), tokens, dict(P, short_chunks=SHORT))
+    assert calls == [[8] * 12, [6] * 6, [4] * 4, [4]]  # one step per chunk of the longest: 91/8, 33/6, 13/4, 2/4
+    n = tg.documents(tokens)[:, 1]
+    brute = sum(min((c + 1) * SHORT_CHUNK[m], 32) for m in n for c in range(-(-m // SHORT_CHUNK[m])))
+    assert f" for {brute} window tokens a rank " in capsys.readouterr().out
+    assert brute != tg.ttt_window_tokens(n, 8, 32).sum()
+
+
+def test_k_o_mlp_head_targets_adapt_every_slot_and_leave_q_and_v(monkeypatch):
+    """TTT_LORA_TARGETS=k,o,mlp,head on the record's parts (6 slots: a loop, a parallel layer): adapters on k, o and
+    MLP of every slot and on the head, none on q or v (their projections get no adapter in any slot); each adapter
+    moves the logits from its own slot; the TTT figure differs from all targets'."""
+    model = slot_leak.toy_model(vocab=V, dim=32, layers=4, seed=1, perturb=0.3, **FRONTIER)
+    p = dict(P, targets=["k", "o", "mlp", "head"])
+    lora = tg.TTTAdapters(model, p, 2, CPU)
+    assert set(lora.where) == {(s, t) for s in range(6) for t in ("k", "o", "mlp")} | {(-1, "head")}
+    seen, real_attn, real_mlp, real_linear = [], tg.Attention.forward, tg.MLP.forward, tg.CastedLinear.forward
+    names = {m: n.split(".")[-1] for n, m in model.named_modules() if n.endswith(("attn.q", "attn.k", "attn.v"))}
+    monkeypatch.setattr(tg.CastedLinear, "forward", lambda self, x, lora=None: (
+        seen.append((names[self], lora is not None)) if self in names else None, real_linear(self, x, lora))[1])
+    monkeypatch.setattr(tg.Attention, "forward", lambda self, x, cos, sin, ve, docs=None, lora=None: (
+        seen.append(("o", "o" in (lora or {}))), real_attn(self, x, cos, sin, ve, docs, lora))[1])
+    monkeypatch.setattr(tg.MLP, "forward", lambda self, x, lora=None: (
+        seen.append(("mlp", lora is not None)), real_mlp(self, x, lora))[1])
+    x = torch.from_numpy(np.concatenate(make_docs([14, 9]))[:24].astype(np.int64)).view(2, 12)
+    base = model.logits(model.forward_hidden(x))
+
+    def adapted():
+        lora.open(2, train=False)
+        return model.logits(model.forward_hidden(x, lora), lora=lora.head())
+    lora.reset()
+    seen.clear()
+    torch.testing.assert_close(adapted(), base)  # B starts at zero
+    assert seen == [("o", True), ("v", False), ("q", False), ("k", True), ("mlp", True)] * 6  # slot by slot
+    gen = torch.Generator().manual_seed(0)
+    for key, (_, o, j) in lora.where.items():
+        lora.reset()
+        lora.B[o][:, j] = torch.randn(lora.B[o][:, j].shape, generator=gen)
+        assert (adapted() - base).abs().max() > 1e-3, key
+    monkeypatch.undo()
+    tokens = np.concatenate(make_docs(LENS))
+    assert abs(run_ttt(model, tokens, p)[0] - run_ttt(model, tokens, P)[0]) > 1e-3
+
+
+def test_local_lr_mult_scales_the_adapters_lr_and_not_global_ttt():
+    """TTT_LOCAL_LR_MULT m: the same figure as TTT_LR x m with m = 1, bit for bit; another figure than m = 1; with
+    the adapters' lr 0 (global TTT alone) m changes nothing."""
+    model = slot_leak.toy_model(vocab=V, dim=32, layers=2, seed=1, perturb=0.3)
+    tokens = np.concatenate(make_docs(LENS))
+    assert tg.Settings({"TTT_LOCAL_LR_MULT": "0.75"}).ttt_point()["local_lr_mult"] == 0.75
+    half = run_ttt(model, tokens, dict(P, local_lr_mult=0.5))[:2]
+    assert half == run_ttt(model, tokens, dict(P, lr=P["lr"] * 0.5))[:2]
+    assert abs(half[0] - run_ttt(model, tokens, P)[0]) > 1e-3
+    assert run_ttt(model, tokens, dict(P, lr=0.0, local_lr_mult=0.5))[:2] == run_ttt(model, tokens, dict(P, lr=0.0))[:2]
 
 
 # ----------------------------------------------------------------------------- through the script
@@ -279,16 +368,18 @@ def test_one_rank_sweep_rows_equal_two_ranks(two_ranks, artifact, toy_env, run_s
 # ----------------------------------------------------------------------------- issue 15: as on a GPU, and fast
 
 
-def test_adapter_step_is_torch_adamw_on_the_training_prefix():
-    """TTTAdapters.step equals torch's AdamW (betas (0, beta2), eps, decoupled weight decay) for the first nt
-    documents, and leaves every later document's adapters and state untouched (they left the optimiser)."""
+@pytest.mark.parametrize("mult", [1.0, 0.75])
+def test_adapter_step_is_torch_adamw_on_the_training_prefix(mult):
+    """TTTAdapters.step equals torch's AdamW (lr TTT_LR x TTT_LOCAL_LR_MULT, betas (0, beta2), eps, decoupled weight
+    decay) for the first nt documents, and leaves every later document's adapters and state untouched (they left the
+    optimiser)."""
     model = slot_leak.toy_model(vocab=V, dim=32, layers=2, seed=0)
-    p = dict(P, lr=0.01, wd=0.5, eps=1e-10, beta2=0.99, warm_a=True)
+    p = dict(P, lr=0.01, wd=0.5, eps=1e-10, beta2=0.99, warm_a=True, local_lr_mult=mult)
     lora = tg.TTTAdapters(model, p, 5, CPU)
     lora.reset()
     A0, B0 = lora.A.clone(), {o: b.clone() for o, b in lora.B.items()}
     ref = [lora.A[:3].clone().requires_grad_()] + [b[:3].clone().requires_grad_() for b in lora.B.values()]
-    opt = torch.optim.AdamW(ref, lr=0.01, betas=(0.0, 0.99), eps=1e-10, weight_decay=0.5)
+    opt = torch.optim.AdamW(ref, lr=0.01 * mult, betas=(0.0, 0.99), eps=1e-10, weight_decay=0.5)
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         lora.open(5, train=True)

@@ -101,12 +101,14 @@ class ReduceFree(tg.Ctx):
         return t
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_replay_is_the_schedule_ttt_evaluate_runs(monkeypatch, world):
+@pytest.mark.parametrize("world,short", [(1, []), (2, []), (2, ["30:2", "45:4"])])
+def test_replay_is_the_schedule_ttt_evaluate_runs(monkeypatch, world, short):
     """Every (n, nt, T) of every chunk step and every global phase's prefix, rank by rank, in order: batches of 3,
-    windows of 64 to 192 (capped at 160 tokens), documents shorter than a chunk, two phase boundaries."""
+    windows of 64 to 192 (capped at 160 tokens), documents shorter than a chunk, two phase boundaries; with
+    TTT_SHORT_CHUNKS, the batches led by 40 and by 21, 9 and 3 tokens at chunks 4 and 2."""
     lens = [5, 40, 17, 3, 164, 33, 8, 21, 150, 12, 9, 200, 1, 26]
-    p = tg.Settings(SMALL).ttt_point(chunk=8, batch=3, seq_len=160, phases=2, prefix_docs=6, rank=4)
+    p = tg.Settings(SMALL).ttt_point(chunk=8, batch=3, seq_len=160, phases=2, prefix_docs=6, rank=4,
+                                     short_chunks=short)
     model = tg.GPT(tg.Settings(SMALL).arch()).requires_grad_(False)
     tokens = ts.doc_tokens(lens, 128)
     assert tg.documents(tokens)[:, 1].tolist() == lens
