@@ -407,6 +407,7 @@ def test_loop_and_qat_switches_compile_nothing_after_the_warm_up(toy_env, monkey
     does not depend on the backend; aot_eager keeps this quick on a CPU."""
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
+    counters.clear()  # reset() keeps the counts: graphs an earlier test compiled would be counted here
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, **{**kw, "backend": "aot_eager"}))
     a = tg.Settings({**toy_env, **ALL_ON, "NUM_LAYERS": "3", "XSA_LAST_N": "3", "VE_LAYERS": "2", "LOOP_START": "1",
