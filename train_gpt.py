@@ -342,7 +342,7 @@ class Settings:
              f"0 < LEN <= TRAIN_SEQ_LEN={self.train_seq_len}, F rising to 1", "e.g. 1024@0.1,2048@0.7,3072@1")
         per_step = self.world_size * self.grad_accum_steps * math.lcm(*self.seq_lens)
         need(self.train_batch_tokens % per_step == 0, "TRAIN_BATCH_TOKENS", f"not divisible by world {self.world_size}"
-             f" x GRAD_ACCUM_STEPS {self.grad_accum_steps} x TRAIN_SEQ_LEN (lcm of the schedule's) = {per_step}",
+             f" x GRAD_ACCUM_STEPS {self.grad_accum_steps} x TRAIN_SEQ_LEN (or the schedule lengths' lcm) = {per_step}",
              f"use a multiple of {per_step}")
         variants = len(self.seq_lens) * (1 + (self.num_loops > 0)) * (1 + (self.late_qat_threshold > 0))  # warm-up's
         need(not (self.compile and torch.cuda.is_available()) or self.warmup_steps >= variants, "WARMUP_STEPS",
@@ -1220,7 +1220,7 @@ def train(a, ctx, model, train_files, val):
     # checkpoints at half the estimated remaining steps), where the ranks agree on the elapsed time. Between
     # clocks, time is extrapolated from the last one, so every rank takes the same lr, QAT and stop decisions.
     step, train_ms, next_clock, clock = 0, 0.0, 1, (0, 0.0, 0.0)  # clock: step, elapsed ms, mean ms/step
-    seq, changed = (a.seq_schedule or [(a.train_seq_len,)])[0][0], -a.seq_change_warmup_steps  # length, since step
+    seq, changed = (a.seq_schedule or [(a.train_seq_len,)])[0][0], -a.seq_change_warmup_steps  # length, step it began
     ctx.sync()
     t0 = time.perf_counter()
     while step < a.iterations:
@@ -1235,7 +1235,7 @@ def train(a, ctx, model, train_files, val):
         mul = lr_multiplier(step, now, a, budget_ms)
         if (n := next((n for n, f in a.seq_schedule if train_fraction(step, now, a, budget_ms) < f), seq)) != seq:
             seq, changed = n, step  # step_fn reads seq; the lr ramps up anew (late QAT and SWA do not see the ramp)
-            ctx.log(f"seq_len: {n} from step {step} ({a.train_batch_tokens // n} sequences a step, lr warm-up)")
+            ctx.log(f"seq_len: {n} from step {step} (lr warm-up over {a.seq_change_warmup_steps} steps)")
         if a.num_loops and not LOOPING and train_fraction(step, now, a, budget_ms) >= a.enable_looping_at:
             LOOPING = True
             ctx.log(f"looping: layers {a.loop_start}..{a.loop_end} run {a.num_loops} more times from step {step} "
@@ -1348,13 +1348,13 @@ def gptq_quantize(w, H, block=128, damp=0.01, qmax=31, sigmas=0.0, awq=None, awq
                                                      for p in CLIP_PERCENTILES]
     scales = torch.stack([quantize_rows(wp, qmax, m)[1] for m in clips])  # [P, out]
     keep = torch.zeros(n, dtype=torch.bool, device=w.device) if awq is None else awq.to(w.device)[perm]
-    s8, Q = quantize_rows(wp, awq_qmax, (a * keep).amax(1))[1], [awq_qmax if k else qmax for k in keep.tolist()]
-    S = torch.where(keep, s8.float()[:, None], scales.float()[..., None])  # [P, out, n]: AWQ columns, own row scale
+    sa, Q = quantize_rows(wp, awq_qmax, (a * keep).amax(1))[1], [awq_qmax if k else qmax for k in keep.tolist()]
+    S = torch.where(keep, sa.float()[:, None], scales.float()[..., None])  # [P, out, n]: AWQ columns, own row scale
     q = _gptq_columns(wp.repeat(len(clips), 1), U, S.flatten(0, 1), block, Q).view(len(clips), *wp.shape)
     d = wp[None] - q * S
     best = ((d @ Hp) * d).sum(-1).argmin(0)  # [out]
     rows = torch.arange(w.size(0), device=w.device)
-    return (q[best, rows][:, torch.argsort(perm)].to(torch.int8), scales[best, rows], s8)[:2 + (awq is not None)]
+    return (q[best, rows][:, torch.argsort(perm)].to(torch.int8), scales[best, rows], sa)[:2 + (awq is not None)]
 
 @torch.no_grad()
 def collect_hessians(ctx, model, batches):
@@ -1398,30 +1398,31 @@ def quantize_state(state, hessians, a, log=lambda msg: None):
     of their error E; a factor is kept only where it lowers the activation-weighted error on the calibration
     inputs, ||X (E - AB)^T||^2 = tr((E - AB) H (E - AB)^T) < tr(E H E^T), H = X^T X (each logged)."""
     c, tensors, hdiag, err, G = a.arch(), [], {}, {}, a.awq_group_size
-    # AWQ-lite (SPEC 11) saliency rms(x_j) mean_i |W_ij|: H_jj sums x_j^2 over the tokens (common to all) x the uses
-    uses = lambda n: slot_layers(c, True).count(int(n.split(".")[1])) if n.startswith("blocks.") else 1
+    uses = lambda n: slot_layers(c, True).count(int(n.split(".")[1])) if n.startswith("blocks.") else 1  # H sums all
     sal = {n: torch.bincount(torch.arange(len(H)) // G, ((H.diag() / uses(n)).sqrt() * state[n].abs().mean(0)).cpu())
            for n, H in hessians.items() if a.awq_top_k and (n != "tok_emb.weight" or c["EMBED_BITS"] < 8)}
     top = sorted(((v, n, g) for n, s in sal.items() for g, v in enumerate(s.tolist())), reverse=True)[:a.awq_top_k]
     awq = {n: torch.isin(torch.arange(len(hessians[n])) // G, torch.tensor([g for _, m, g in top if m == n]))
-           for _, n, _ in top}  # the top groups over all GPTQ'd matrices: a column mask per matrix
+           for _, n, _ in top}  # AWQ-lite (SPEC 11): top groups of rms(x_j) mean_i |W_ij|, a column mask per matrix
+    if top:
+        log("awq: " + " ".join(f"{n}[{g * G}:{g * G + G}] (saliency {v:.4g})" for v, n, g in top))
     for name, t in state.items():
         kind = quant_kind(name, t, c)
         if kind in INT_KINDS:
             qmax = 2 ** (int(kind[3:]) - 1) - 1
             if name in hessians and (name != "tok_emb.weight" or kind != "int8"):  # EMBED_BITS=8: int8 rows
                 group = "embed" if name == "tok_emb.weight" else "mlp" if ".mlp." in name else "attn"
-                q, s, *s8 = gptq_quantize(t, hessians[name], a.gptq_block, a.gptq_damp, qmax,
+                q, s, *sa = gptq_quantize(t, hessians[name], a.gptq_block, a.gptq_damp, qmax,
                                           getattr(a, f"{group}_clip_sigmas"), awq.get(name), 2 ** (a.awq_bits - 1) - 1)
                 hdiag[name] = hessians[name].diag().float().cpu()
             else:
-                q, s, *s8 = quantize_rows(t, qmax)
+                q, s = quantize_rows(t, qmax)
             if name in hdiag:  # LQER ranks GPTQ'd matrices only (not int8 tables or gates)
-                sc = torch.where(awq[name].to(s.device), s8[0][:, None], s[:, None]) if s8 else s[:, None]
+                sc = torch.where(awq[name].to(s.device), sa[0][:, None], s[:, None]) if name in awq else s[:, None]
                 err[name] = (t.float() - q.float() * sc.float()).norm().item()
             tensors += [(name + "#q", kind, q.cpu().numpy()), (name + "#scale", "fp16", s.cpu().numpy())]
             tensors += [(name + "#awqm", "int8", awq[name].numpy().astype(np.int8)),  # AWQ-lite: columns, row scale
-                        (name + "#awqs", "fp16", s8[0].cpu().numpy())] if s8 else []
+                        (name + "#awqs", "fp16", sa[0].cpu().numpy())] if name in awq else []
         else:
             tensors.append((name, kind, t.detach().float().cpu().numpy().astype(np.float16 if kind == "fp16"
                                                                                 else np.float32)))
