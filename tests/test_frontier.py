@@ -445,16 +445,19 @@ def test_a_recompile_past_the_declared_variants_warns_once_naming_function_and_s
 
 
 def test_toy_run_with_every_option_on_trains_exports_reloads_and_scores(toy_env, run_script):
-    """Every new option on: the run trains (the loop switches on), exports, and an eval-only run of its artifact
-    gives the very same round-trip figure; sliding, causal SLOT and TTT all score."""
+    """Every new option on: the run trains (the loop switches on, the length grows), exports (AWQ-lite on one
+    group), and an eval-only run of its artifact gives the very same round-trip figure; sliding (stride half the
+    window, as the record), causal SLOT and TTT all score."""
     env = {**toy_env, **ALL_ON, "NUM_LAYERS": "6", "XSA_LAST_N": "6", "VE_LAYERS": "4,5", "ITERATIONS": "6",
            "ENABLE_LOOPING_AT": "0.5", "MUON_NS": "polar", "MUON_ROW_NORM": "1", "MIN_LR": "0.1",
            "WARMDOWN_FRAC": "0.85", "EMBED_WD": "0.085", "SCALAR_WD": "0.02", "SLOT_MODE": "causal",
            "TTT_ENABLED": "1", "TTT_LORA_RANK": "4", "TTT_LORA_ALPHA": "4", "TTT_EVAL_SEQ_LEN": "64",
-           "TTT_BATCH_SIZE": "8", "PHASED_TTT_PREFIX_DOCS": "6", "GLOBAL_TTT_CHUNK": "256", "VAL_TOKENS": "2048"}
+           "TTT_BATCH_SIZE": "8", "PHASED_TTT_PREFIX_DOCS": "6", "GLOBAL_TTT_CHUNK": "256", "VAL_TOKENS": "2048",
+           "TRAIN_SEQ_SCHEDULE": "32@0.3,64@1", "SEQ_CHANGE_WARMUP_STEPS": "2", "AWQ_TOP_K": "1", "AWQ_GROUP_SIZE": "16"}
     r = run_script({**env, "RUN_ID": "front"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "looping: layers 1..2 run 2 more times from step 3 (10 slots)" in r.stdout
+    assert "\nseq_len: 64 from step 2 (lr warm-up over 2 steps)" in r.stdout and "\nawq: blocks." in r.stdout
     for line in ["final_int6_roundtrip_exact", "final_sliding_window_exact", "final_slot_exact mode:causal",
                  "final_ttt_exact"]:
         assert f"\n{line}" in r.stdout, line
