@@ -33,6 +33,8 @@ SETTINGS = [
     ("MIN_LR", 0.0, "float", "floor of the warm-down's lr multiplier, as a fraction of the peak lr"),
     ("TRAIN_BATCH_TOKENS", 786432, "int", "tokens per optimizer step, all ranks together"),
     ("TRAIN_SEQ_LEN", 2048, "int", "training sequence length"),
+    ("TRAIN_SEQ_SCHEDULE", [], "strs", "LEN@F,...: length LEN until train fraction F, the last F 1 (empty: off)"),
+    ("SEQ_CHANGE_WARMUP_STEPS", 0, "int", "after each length change the lr ramps linearly from 1/N to 1 over N steps"),
     ("GRAD_ACCUM_STEPS", 0, "int", "micro-steps per optimizer step (0: 8 // world size)"),
     ("MAX_WALLCLOCK_SECONDS", 600.0, "float", "training time cap in seconds, warm-up excluded (0: no cap)"),
     ("VAL_LOSS_EVERY", 4000, "int", "validate every N steps during training (0: only at the end)"),
@@ -118,6 +120,9 @@ SETTINGS = [
     ("EMBED_CLIP_SIGMAS", 0.0, "float", "the same for the GPTQ'd embedding (record 14; 0: clip percentiles)"),
     ("LQER_RANK", 0, "int", "rank of the stored correction of the worst-quantised tensors' error (0: off)"),
     ("LQER_TOP_K", 3, "int", "LQER corrects the tensors with the largest ||W - W_q||_F, this many"),
+    ("AWQ_TOP_K", 0, "int", "AWQ-lite: the K column groups of largest rms(x_j) mean_i|W_ij| get AWQ_BITS (0: off)"),
+    ("AWQ_GROUP_SIZE", 64, "int", "AWQ-lite: input columns per group, saliency summed over the group"),
+    ("AWQ_BITS", 8, "int", "AWQ-lite: bits of the salient groups' columns (own row scale, inside the GPTQ solve)"),
     ("CODECS", [], "strs", "codecs the export may choose, smallest exact wins (empty: every available one; zpaq-5 "
      "decodes in ~80 s at the record size on a CPU core, inside the eval's time)"),
     ("TARGET_BYTES", 16000000, "int", "prune +-1 values until code + model fit in this many bytes (0: no pruning)"),
@@ -296,7 +301,7 @@ class Settings:
                          "SWA_EVERY GPTQ_BLOCK ADAM_EPS GPTQ_CALIB_BATCHES SIZE_LIMIT_BYTES BIGRAM_DIM VE_DIM "
                          "ROPE_BASE LOGIT_SOFTCAP GPTQ_TEMPERATURE GPTQ_DAMP TTT_LORA_RANK TTT_CHUNK_SIZE "
                          "TTT_BATCH_SIZE TTT_EVAL_SEQ_LEN GLOBAL_TTT_CHUNK TTT_LORA_ALPHA TTT_EPS GATE_WINDOW "
-                         "EVAL_BUDGET_SECONDS TTT_LOCAL_LR_MULT"),
+                         "EVAL_BUDGET_SECONDS TTT_LOCAL_LR_MULT AWQ_GROUP_SIZE"),
                  ">= 0": (lambda v: v >= 0, "WARMUP_STEPS WARMDOWN_ITERS MAX_WALLCLOCK_SECONDS VAL_LOSS_EVERY "
                           "VAL_TOKENS ROPE_DIMS XSA_LAST_N BIGRAM_VOCAB_SIZE TIED_EMBED_LR HEAD_LR MATRIX_LR "
                           "SCALAR_LR MUON_WD MUON_MOMENTUM_WARMUP_STEPS ADAM_WD GRAD_CLIP_NORM GPTQ_RESERVE_SECONDS "
@@ -304,8 +309,9 @@ class Settings:
                           "MLP_LEAKY_SLOPE SEED RANK LOCAL_RANK TTT_LR TTT_WEIGHT_DECAY TTT_GRAD_STEPS "
                           "PHASED_TTT_NUM_PHASES PHASED_TTT_PREFIX_DOCS GLOBAL_TTT_LR GLOBAL_TTT_EPOCHS "
                           "GLOBAL_TTT_GRAD_CLIP NUM_LOOPS LOOP_START PARALLEL_START_LAYER ATTN_GATE_SCALE "
-                          "ATTN_CLIP_SIGMAS MLP_CLIP_SIGMAS EMBED_CLIP_SIGMAS LQER_RANK LQER_TOP_K VAL_LONGEST_DOCS"),
-                 "in [5, 8]": (lambda v: 5 <= v <= 8, "ATTN_BITS MLP_BITS"),
+                          "ATTN_CLIP_SIGMAS MLP_CLIP_SIGMAS EMBED_CLIP_SIGMAS LQER_RANK LQER_TOP_K VAL_LONGEST_DOCS "
+                          "AWQ_TOP_K SEQ_CHANGE_WARMUP_STEPS"),
+                 "in [5, 8]": (lambda v: 5 <= v <= 8, "ATTN_BITS MLP_BITS AWQ_BITS"),
                  "in [6, 8]": (lambda v: 6 <= v <= 8, "EMBED_BITS"),
                  "in [0, 1)": (lambda v: 0 <= v < 1, "MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 EMA_DECAY "
                                "GLOBAL_TTT_MOMENTUM TTT_BETA2"),
@@ -349,13 +355,19 @@ class Settings:
         need(not self.ve_enabled or (self.ve_layers and len(set(self.ve_layers)) == len(self.ve_layers)
                                      and all(0 <= i < L for i in self.ve_layers)), "VE_LAYERS",
              f"needs distinct layer indices in [0, NUM_LAYERS={L})", f"e.g. VE_LAYERS={L - 2},{L - 1} or VE_ENABLED=0")
-        per_step = self.world_size * self.grad_accum_steps * self.train_seq_len
+        self.seq_schedule = [(int(m[1]), float(m[2])) if (m := re.fullmatch(r"(\d+)@(\d*\.?\d+)", v)) else (0, 0.0)
+                             for v in self.train_seq_schedule]  # (length, until this train fraction); 0: malformed
+        self.seq_lens = sorted({n for n, _ in self.seq_schedule} or {self.train_seq_len})  # each compiled in warm-up
+        need((fr := [f for _, f in self.seq_schedule]) == sorted(set(fr) - {0}) and fr[-1:] in ([], [1]) and 0 <
+             self.seq_lens[0] and self.seq_lens[-1] <= self.train_seq_len, "TRAIN_SEQ_SCHEDULE", "needs LEN@F entries, "
+             f"0 < LEN <= TRAIN_SEQ_LEN={self.train_seq_len}, F rising to 1", "e.g. 1024@0.1,2048@0.7,3072@1")
+        per_step = self.world_size * self.grad_accum_steps * math.lcm(*self.seq_lens)
         need(self.train_batch_tokens % per_step == 0, "TRAIN_BATCH_TOKENS", f"not divisible by world {self.world_size}"
-             f" x GRAD_ACCUM_STEPS {self.grad_accum_steps} x TRAIN_SEQ_LEN = {per_step}",
+             f" x GRAD_ACCUM_STEPS {self.grad_accum_steps} x TRAIN_SEQ_LEN (or the schedule lengths' lcm) = {per_step}",
              f"use a multiple of {per_step}")
-        variants = (1 + (self.num_loops > 0)) * (1 + (self.late_qat_threshold > 0))  # the graphs warm-up compiles
+        variants = len(self.seq_lens) * (1 + (self.num_loops > 0)) * (1 + (self.late_qat_threshold > 0))  # warm-up's
         need(not (self.compile and torch.cuda.is_available()) or self.warmup_steps >= variants, "WARMUP_STEPS",
-             f"{self.warmup_steps} is below the {variants} compile variants (loop x late QAT): one would compile in the "
+             f"{self.warmup_steps} is below {variants} compile variants (len x loop x QAT): one would compile in the "
              "timed run", f"set WARMUP_STEPS >= {variants}")
         need(self.val_tokens != 1, "VAL_TOKENS", "one token has no target to score", "use 0 (all) or >= 2")
         tilt_set = " and ".join(sorted({"NGRAM_TILT_THRESHOLD", "NGRAM_TILT_BETA"} & self.explicit))
@@ -1203,7 +1215,7 @@ def train(a, ctx, model, train_files, val):
     LOOPING = False  # the loop (NUM_LOOPS) switches on at ENABLE_LOOPING_AT
     loader = TrainLoader(train_files, ctx.rank, ctx.world, ctx.device, a.vocab_size)
     # flash-attn kernels may not trace whole, so fullgraph is demanded only of the SDPA path
-    variants = [(q, lp) for lp in [False, True][:1 + (a.num_loops > 0)]  # the warm-up compiles each (QAT, LOOPING)
+    variants = [(q, lp, n) for n in a.seq_lens for lp in [False, True][:1 + (a.num_loops > 0)]  # (QAT, LOOPING, len)
                 for q in [False, True][:1 + (a.late_qat_threshold > 0)]]
     compiled = compile_fn(model, "GPT.forward (training)", len(variants), dynamic=False, fullgraph=ATTN_FN is None) \
         if ctx.compile and a.compile else model
@@ -1224,7 +1236,7 @@ def train(a, ctx, model, train_files, val):
         muon.param_groups[0]["momentum"] = (1 - frac) * a.muon_momentum_warmup_start + frac * a.muon_momentum
         total = torch.zeros((), device=ctx.device)
         for micro in range(a.grad_accum_steps):
-            x, y, cu = loader.next_batch(local_tokens, a.train_seq_len, a.doc_mask)
+            x, y, cu = loader.next_batch(local_tokens, seq, a.doc_mask)
             no_sync = ctx.world > 1 and micro < a.grad_accum_steps - 1
             with (net.no_sync() if no_sync else contextlib.nullcontext()), ctx.autocast():
                 loss = net(x, y, cu)
@@ -1243,7 +1255,7 @@ def train(a, ctx, model, train_files, val):
         saved_opt = [copy.deepcopy(opt.state_dict()) for opt in (adam, muon)]
         # the last steps compile every variant the run can switch to (loop on, late QAT on, both): no compile later
         for i in range(a.warmup_steps):
-            QAT, LOOPING = variants[max(0, i + len(variants) - a.warmup_steps)]
+            QAT, LOOPING, seq = variants[max(0, i + len(variants) - a.warmup_steps)]
             step_fn(0, 1.0)
         QAT = LOOPING = False
         model.load_state_dict(saved)
@@ -1263,6 +1275,7 @@ def train(a, ctx, model, train_files, val):
     # checkpoints at half the estimated remaining steps), where the ranks agree on the elapsed time. Between
     # clocks, time is extrapolated from the last one, so every rank takes the same lr, QAT and stop decisions.
     step, train_ms, next_clock, clock = 0, 0.0, 1, (0, 0.0, 0.0)  # clock: step, elapsed ms, mean ms/step
+    seq, changed = (a.seq_schedule or [(a.train_seq_len,)])[0][0], -a.seq_change_warmup_steps  # length, step it began
     ctx.sync()
     t0 = time.perf_counter()
     while step < a.iterations:
@@ -1275,6 +1288,9 @@ def train(a, ctx, model, train_files, val):
             t0 = time.perf_counter()
         now = clock[1] + (step - clock[0]) * clock[2]
         mul = lr_multiplier(step, now, a, budget_ms)
+        if (n := next((n for n, f in a.seq_schedule if train_fraction(step, now, a, budget_ms) < f), seq)) != seq:
+            seq, changed = n, step  # step_fn reads seq; the lr ramps up anew (late QAT and SWA do not see the ramp)
+            ctx.log(f"seq_len: {n} from step {step} (lr warm-up over {a.seq_change_warmup_steps} steps)")
         if a.num_loops and not LOOPING and train_fraction(step, now, a, budget_ms) >= a.enable_looping_at:
             LOOPING = True
             ctx.log(f"looping: layers {a.loop_start}..{a.loop_end} run {a.num_loops} more times from step {step} "
@@ -1282,7 +1298,7 @@ def train(a, ctx, model, train_files, val):
         if a.late_qat_threshold > 0 and not QAT and mul < a.late_qat_threshold:
             QAT = True
             ctx.log(f"late_qat: int6 fake quantisation on at step {step} (lr multiplier {mul:.3f})")
-        loss = step_fn(step, mul)
+        loss = step_fn(step, mul * min(1.0, (step - changed + 1) / max(a.seq_change_warmup_steps, 1)))
         step += 1
         if ema:
             ema.update()
@@ -1361,15 +1377,15 @@ def _gptq_columns(w, U, s, block, qmax):
         wb, Ub = w[:, i:j2].clone(), U[i:j2, i:j2]
         err = torch.zeros_like(wb)
         for j in range(j2 - i):
-            qc = torch.clamp(torch.round(wb[:, j] / s), -qmax, qmax)
+            qc = torch.clamp(torch.round(wb[:, j] / s[:, i + j]), -qmax[i + j], qmax[i + j])  # per column: AWQ-lite
             q[:, i + j] = qc
-            e = (wb[:, j] - qc * s) / Ub[j, j]
+            e = (wb[:, j] - qc * s[:, i + j]) / Ub[j, j]
             wb[:, j:] -= e[:, None] * Ub[j, j:][None, :]
             err[:, j] = e
         w[:, j2:] -= err @ U[i:j2, j2:]
     return q
 
-def gptq_quantize(w, H, block=128, damp=0.01, qmax=31, sigmas=0.0):
+def gptq_quantize(w, H, block=128, damp=0.01, qmax=31, sigmas=0.0, awq=None, awq_qmax=127):
     """Full-Hessian GPTQ of w [out, in] with H = X^T X of its inputs. Columns go in order of decreasing H
     diagonal; each row keeps the clip percentile whose result has the least output error (dW H dW^T), or with
     sigmas > 0 has the scale sigmas * std(row) / qmax (SPEC 10)."""
@@ -1386,11 +1402,14 @@ def gptq_quantize(w, H, block=128, damp=0.01, qmax=31, sigmas=0.0):
     clips = [sigmas * wp.std(dim=1)] if sigmas else [a.amax(1) if p >= 1 else torch.quantile(a, p, dim=1)
                                                      for p in CLIP_PERCENTILES]
     scales = torch.stack([quantize_rows(wp, qmax, m)[1] for m in clips])  # [P, out]
-    q = _gptq_columns(wp.repeat(len(clips), 1), U, scales.float().view(-1), block, qmax).view(len(clips), *wp.shape)
-    d = wp[None] - q * scales.float()[..., None]
+    keep = torch.zeros(n, dtype=torch.bool, device=w.device) if awq is None else awq.to(w.device)[perm]
+    sa, Q = quantize_rows(wp, awq_qmax, (a * keep).amax(1))[1], [awq_qmax if k else qmax for k in keep.tolist()]
+    S = torch.where(keep, sa.float()[:, None], scales.float()[..., None])  # [P, out, n]: AWQ columns, own row scale
+    q = _gptq_columns(wp.repeat(len(clips), 1), U, S.flatten(0, 1), block, Q).view(len(clips), *wp.shape)
+    d = wp[None] - q * S
     best = ((d @ Hp) * d).sum(-1).argmin(0)  # [out]
     rows = torch.arange(w.size(0), device=w.device)
-    return q[best, rows][:, torch.argsort(perm)].to(torch.int8), scales[best, rows]
+    return (q[best, rows][:, torch.argsort(perm)].to(torch.int8), scales[best, rows], sa)[:2 + (awq is not None)]
 
 @torch.no_grad()
 def collect_hessians(ctx, model, batches):
@@ -1433,21 +1452,32 @@ def quantize_state(state, hessians, a, log=lambda msg: None):
     With LQER_RANK, the LQER_TOP_K GPTQ'd matrices of largest ||W - W_q||_F are candidates for the low-rank factors
     of their error E; a factor is kept only where it lowers the activation-weighted error on the calibration
     inputs, ||X (E - AB)^T||^2 = tr((E - AB) H (E - AB)^T) < tr(E H E^T), H = X^T X (each logged)."""
-    c, tensors, hdiag, err = a.arch(), [], {}, {}
+    c, tensors, hdiag, err, G = a.arch(), [], {}, {}, a.awq_group_size
+    uses = lambda n: slot_layers(c, True).count(int(n.split(".")[1])) if n.startswith("blocks.") else 1  # H sums all
+    sal = {n: torch.bincount(torch.arange(len(H)) // G, ((H.diag() / uses(n)).sqrt() * state[n].abs().mean(0)).cpu())
+           for n, H in hessians.items() if a.awq_top_k and (n != "tok_emb.weight" or c["EMBED_BITS"] < 8)}
+    top = sorted(((v, n, g) for n, s in sal.items() for g, v in enumerate(s.tolist())), reverse=True)[:a.awq_top_k]
+    awq = {n: torch.isin(torch.arange(len(hessians[n])) // G, torch.tensor([g for _, m, g in top if m == n]))
+           for _, n, _ in top}  # AWQ-lite (SPEC 11): top groups of rms(x_j) mean_i |W_ij|, a column mask per matrix
+    if top:
+        log("awq: " + " ".join(f"{n}[{g * G}:{g * G + G}] (saliency {v:.4g})" for v, n, g in top))
     for name, t in state.items():
         kind = quant_kind(name, t, c)
         if kind in INT_KINDS:
             qmax = 2 ** (int(kind[3:]) - 1) - 1
             if name in hessians and (name != "tok_emb.weight" or kind != "int8"):  # EMBED_BITS=8: int8 rows
                 group = "embed" if name == "tok_emb.weight" else "mlp" if ".mlp." in name else "attn"
-                q, s = gptq_quantize(t, hessians[name], a.gptq_block, a.gptq_damp, qmax,
-                                     getattr(a, f"{group}_clip_sigmas"))
+                q, s, *sa = gptq_quantize(t, hessians[name], a.gptq_block, a.gptq_damp, qmax,
+                                          getattr(a, f"{group}_clip_sigmas"), awq.get(name), 2 ** (a.awq_bits - 1) - 1)
                 hdiag[name] = hessians[name].diag().float().cpu()
             else:
                 q, s = quantize_rows(t, qmax)
             if name in hdiag:  # LQER ranks GPTQ'd matrices only (not int8 tables or gates)
-                err[name] = (t.float() - q.float() * s.float()[:, None]).norm().item()
+                sc = torch.where(awq[name].to(s.device), sa[0][:, None], s[:, None]) if name in awq else s[:, None]
+                err[name] = (t.float() - q.float() * sc.float()).norm().item()
             tensors += [(name + "#q", kind, q.cpu().numpy()), (name + "#scale", "fp16", s.cpu().numpy())]
+            tensors += [(name + "#awqm", "int8", awq[name].numpy().astype(np.int8)),  # AWQ-lite: columns, row scale
+                        (name + "#awqs", "fp16", sa[0].cpu().numpy())] if name in awq else []
         else:
             tensors.append((name, kind, t.detach().float().cpu().numpy().astype(np.float16 if kind == "fp16"
                                                                                 else np.float32)))
@@ -1479,6 +1509,8 @@ def lqer_factors(name, E, rank):
 def dequantize_one(arrays, name):
     """float32 W_q (+ A B where LQER factors are stored) of one quantised tensor."""
     w = arrays[name + "#q"].astype(np.float32) * arrays[name + "#scale"].astype(np.float32)[:, None]
+    if (m := arrays.get(name + "#awqm")) is not None:  # AWQ-lite: the masked columns have their own row scale
+        w[:, m != 0] = arrays[name + "#q"][:, m != 0] * arrays[name + "#awqs"].astype(np.float32)[:, None]
     if name + "#lqa" in arrays:
         qb, sb = arrays[name + "#lqb"].astype(np.float32), arrays[name + "#lqbs"].astype(np.float32)
         b = np.pad(qb, ((0, 0), (0, -qb.shape[1] % LQER_GROUP))).reshape(*sb.shape, LQER_GROUP) * sb[..., None]
@@ -1882,6 +1914,8 @@ def read_artifact(path, check_model=True):
                     if role(name + "#q", kind):
                         rows[role(name + "#q", kind)] = rows.get(role(name + "#q", kind), 0) + sh[0]
                     r = got.get(name + "#lqa", ("", (0, 0)))[1][-1]  # LQER factors: any rank up to the matrix's
+                    if kind in INT_KINDS and name + "#awqm" in got:  # AWQ-lite: a column mask, a row scale
+                        want.update({name + "#awqm": ("int8", sh[1:]), name + "#awqs": ("fp16", sh[:1])})
                     if kind in INT_KINDS and 0 < r <= min(sh):
                         want.update({name + "#lqa": ("int2", (sh[0], r)), name + "#lqb": ("int4", (r, sh[1])),
                                      name + "#lqas": ("fp16", (1,)),

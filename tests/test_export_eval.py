@@ -635,6 +635,32 @@ def test_evaluate_equals_brute_force(sharp_model, T, L, S, batch):
         assert abs(wrong - nll) / nll > 1e-3  # the model is context-sensitive enough for this test to bite
 
 
+@pytest.mark.parametrize("T,L,S,world", [(157, 48, 24, 3), (96, 48, 24, 2), (30, 48, 24, 1), (121, 32, 16, 4)])
+def test_record_stride_scores_every_target_once_across_ranks(sharp_model, monkeypatch, T, L, S, world):
+    """EVAL_SEQ_LEN = 2 x EVAL_STRIDE (the record's 3072 / 1536) at toy size, T not a multiple of the stride (or
+    shorter than one window), windows split over ranks as evaluate() splits them: the masks evaluate() sums score
+    every target exactly once, the final partial window's included, and the ranks' NLL adds up to the brute-force
+    sum (each target predicted from its own window's context)."""
+    rng = np.random.default_rng(T)
+    tokens, tbytes = rng.integers(0, 96, T + 1).astype(np.uint16), rng.integers(1, 5, T).astype(np.int64)
+    seen, window_batch = np.zeros((world, T), np.int64), tg.window_batch
+    total = 0.0
+    for rank in range(world):
+        def spy(val, starts, seq_len, stride, batch, device, rank=rank):
+            out = window_batch(val, starts, seq_len, stride, batch, device)
+            c0 = 0 if int(starts[0]) == 0 else seq_len - stride  # the columns evaluate() sums
+            tgt = starts[:, None].numpy() + np.arange(seq_len)
+            np.add.at(seen[rank], tgt[:, c0:][out[2][:len(starts), c0:].numpy()], 1)
+            return out
+        monkeypatch.setattr(tg, "window_batch", spy)
+        ctx = tg.Ctx(rank, world, 0, CPU)
+        ctx.all_reduce = lambda t, op=None: t  # each rank's own sums
+        (loss, _, _), = tg.evaluate(ctx, sharp_model, (tokens, tbytes), L, S, 4)
+        total += loss * seen[rank].sum()
+    assert (seen.sum(0) == 1).all() and (seen > 0).any(1).all()  # every target once, every rank scored some
+    assert total == pytest.approx(brute_force(sharp_model, tokens, tbytes, L, S)[0], rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- 6. causality
 
 

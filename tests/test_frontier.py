@@ -432,6 +432,95 @@ def test_loop_and_qat_switches_compile_nothing_after_the_warm_up(toy_env, monkey
     torch._dynamo.reset()
 
 
+def test_every_training_length_compiles_in_the_warm_up_and_none_in_the_timed_steps(toy_env, monkeypatch):
+    """TRAIN_SEQ_SCHEDULE=32@0.5,64@1: the warm-up compiles one graph per length; the timed steps, which switch the
+    length at step 3, add none (the loop x late QAT product is the test above's). Each step reads rows of its length
+    (tokens per step kept), and after the change the lr multiplier ramps over SEQ_CHANGE_WARMUP_STEPS=2 on top of
+    the schedule's. Dynamo's graph count does not depend on the backend; aot_eager keeps this quick."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, **{**kw, "backend": "aot_eager"}))
+    a = tg.Settings({**toy_env, "NUM_LAYERS": "2", "XSA_LAST_N": "2", "VE_LAYERS": "1", "ITERATIONS": "6",
+                     "WARMUP_STEPS": "3", "WARMDOWN_ITERS": "4", "LATE_QAT_THRESHOLD": "0", "TRAIN_LOG_EVERY": "100",
+                     "TRAIN_SEQ_SCHEDULE": "32@0.5,64@1", "SEQ_CHANGE_WARMUP_STEPS": "2"})
+    ctx, lines, at_warmup, rows, lrs = tg.Ctx(0, 1, 0, CPU), [], [], [], []
+    ctx.compile = True
+    batch, step = tg.TrainLoader.next_batch, tg.Muon.step
+
+    def log(msg):
+        lines.append(msg)
+        if msg.startswith("warmup:"):
+            at_warmup.append(counters["stats"]["unique_graphs"])
+
+    def next_batch(self, n, seq, segments=False):
+        out = batch(self, n, seq, segments)
+        rows.append((seq, tuple(out[0].shape)))
+        return out
+
+    def muon_step(self):
+        lrs.append(self.param_groups[0]["lr"] / a.matrix_lr)
+        step(self)
+
+    ctx.log = log
+    monkeypatch.setattr(tg.TrainLoader, "next_batch", next_batch)
+    monkeypatch.setattr(tg.Muon, "step", muon_step)
+    files = tg.find_shards(toy_env["DATA_PATH"], "train")
+    tokens = np.concatenate([tg.load_shard(f, 1024) for f in tg.find_shards(toy_env["DATA_PATH"], "val")])[:1025]
+    torch.manual_seed(0)
+    before = counters["stats"]["unique_graphs"]  # the counters outlive torch._dynamo.reset()
+    tg.train(a, ctx, tg.build_model(a.arch(), CPU), files, (tokens, np.ones(len(tokens) - 1)))
+    assert at_warmup == [before + 2] and counters["stats"]["unique_graphs"] == before + 2, lines  # none after warm-up
+    assert [l for l in lines if l.startswith("seq_len:")] == ["seq_len: 64 from step 3 (lr warm-up over 2 steps)"]
+    short, long = (32, (32, 32)), (64, (16, 64))  # 1024 tokens a step in rows of the step's length
+    assert rows == [short, short, long] + [short] * 3 + [long] * 3  # warm-up: the last steps each length; then by step
+    ramp = [1, 1, 1, 1 / 2, 1, 1]  # (steps since the change + 1) / 2, capped at 1
+    want = [tg.lr_multiplier(i, 0.0, a, 0.0) * r for i, r in enumerate(ramp)]
+    assert lrs == [1.0] * 3 + [pytest.approx(w, abs=1e-12) for w in want]
+    assert not [l for l in lines if l.startswith("warning: compile:")], lines
+    torch._dynamo.reset()
+
+
+def test_schedule_is_no_model_setting_and_one_rope_serves_every_length():
+    """The schedule is a training setting (the artifact's TRAIN_SEQ_LEN is the longest length, RoPE's base its);
+    RoPE is computed from positions, so a causal forward of 32 tokens is the first 32 positions of one of 64."""
+    env = {**SMALL, "TRAIN_SEQ_LEN": "64", "ROPE_REF_LEN": "16", "TRAIN_BATCH_TOKENS": "1024"}
+    a, b = tg.Settings(env), tg.Settings({**env, "TRAIN_SEQ_SCHEDULE": "16@0.2,32@0.6,64@1"})
+    assert a.arch() == b.arch() and b.seq_lens == [16, 32, 64] and a.seq_lens == [64]
+    assert tg.rope_base(b.arch()) == pytest.approx(10000.0 * (64 / 16) ** (8 / 6))
+    model = model_of(TRAIN_SEQ_LEN=64, ROPE_REF_LEN=16)
+    ids = ids_of(B=2, T=64)
+    torch.testing.assert_close(model.forward_hidden(ids[:, :32]), model.forward_hidden(ids)[:, :32], rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("env,msg", [
+    ({"TRAIN_SEQ_SCHEDULE": "1024@0.5,4096@1"}, "TRAIN_SEQ_LEN=2048"), ({"TRAIN_SEQ_SCHEDULE": "1024@0.5"}, "F rising"),
+    ({"TRAIN_SEQ_SCHEDULE": "1024@0.5,2048@0.5,2048@1"}, "F rising"),
+    ({"TRAIN_SEQ_SCHEDULE": "2048@1,1024@0.5"}, "LEN@F"),
+    ({"TRAIN_SEQ_SCHEDULE": "1024:0.5,2048@1"}, "LEN@F"), ({"TRAIN_SEQ_SCHEDULE": "0@0.5,2048@1"}, "0 < LEN"),
+    ({"TRAIN_SEQ_SCHEDULE": "1024@0,2048@1"}, "F rising"), ({"TRAIN_SEQ_SCHEDULE": "1024@1e-1,2048@1"}, "LEN@F"),
+    ({"SEQ_CHANGE_WARMUP_STEPS": "-1"}, ">= 0")])
+def test_bad_schedule_is_one_line_naming_the_variable(env, msg):
+    with pytest.raises(tg.ConfigError) as e:
+        tg.Settings(env)
+    assert str(e.value).startswith(f"{next(iter(env))}=") and msg in str(e.value) and "fix:" in str(e.value)
+
+
+def test_schedule_lengths_must_split_the_batch_and_the_warm_up_must_cover_them(monkeypatch):
+    """Every length divides TRAIN_BATCH_TOKENS per rank and micro-step; on CUDA with compile, WARMUP_STEPS covers
+    lengths x loop x late QAT (3 x 2 x 2 = 12 here)."""
+    with pytest.raises(tg.ConfigError, match="TRAIN_BATCH_TOKENS=786432"):
+        tg.Settings({"TRAIN_SEQ_SCHEDULE": "1000@0.5,2048@1"})
+    assert tg.Settings({"TRAIN_SEQ_LEN": "3072", "TRAIN_SEQ_SCHEDULE": "1024@0.1,2048@0.7,3072@1"}).seq_lens == [
+        1024, 2048, 3072]  # the record's: 786432 = 8 x 3 x 32768, lcm 6144 x 128
+    monkeypatch.setattr(tg.torch.cuda, "is_available", lambda: True)
+    record = {"TRAIN_SEQ_LEN": "3072", "TRAIN_SEQ_SCHEDULE": "1024@0.1,2048@0.7,3072@1", "NUM_LOOPS": "2"}
+    with pytest.raises(tg.ConfigError, match="WARMUP_STEPS=11: 11 is below 12 compile variants"):
+        tg.Settings({**record, "WARMUP_STEPS": "11"})
+    assert tg.Settings({**record, "WARMUP_STEPS": "6", "LATE_QAT_THRESHOLD": "0"}).warmup_steps == 6
+
+
 def test_a_recompile_past_the_declared_variants_warns_once_naming_function_and_shape(monkeypatch):
     """compile_fn declares the graphs a function needs; Ctx.compiles logs one warning line for a function holding more
     (its name, the guard that failed: the shape), and says when the recompile limit sends other shapes to eager."""
@@ -468,19 +557,22 @@ def test_a_recompile_past_the_declared_variants_warns_once_naming_function_and_s
 
 
 def test_toy_run_with_every_option_on_trains_exports_reloads_and_scores(toy_env, run_script):
-    """Every new option on: the run trains (the loop switches on), exports, and an eval-only run of its artifact
-    gives the very same round-trip figure; sliding, causal SLOT and TTT all score. The artifact's label, file name
-    and round-trip line name the bits as configured (int6 matrices, a 7-bit embedding)."""
+    """Every new option on: the run trains (the loop switches on, the length grows), exports (AWQ-lite on one
+    group), and an eval-only run of its artifact gives the very same round-trip figure; sliding (stride half the
+    window, as the record), causal SLOT and TTT all score. The artifact's label, file name and round-trip line name
+    the bits as configured (int6 matrices, a 7-bit embedding)."""
     env = {**toy_env, **ALL_ON, "NUM_LAYERS": "6", "XSA_LAST_N": "6", "VE_LAYERS": "4,5", "ITERATIONS": "6",
            "ENABLE_LOOPING_AT": "0.5", "MUON_NS": "polar", "MUON_ROW_NORM": "1", "MIN_LR": "0.1",
            "WARMDOWN_FRAC": "0.85", "EMBED_WD": "0.085", "SCALAR_WD": "0.02", "SLOT_MODE": "causal",
            "TTT_ENABLED": "1", "TTT_LORA_RANK": "4", "TTT_LORA_ALPHA": "4", "TTT_EVAL_SEQ_LEN": "64",
            "TTT_BATCH_SIZE": "8", "PHASED_TTT_PREFIX_DOCS": "6", "GLOBAL_TTT_CHUNK": "256", "VAL_TOKENS": "2048",
            "EMBED_BITS": "7", "LOGIT_SOFTCAP_ASYM": "1", "TTT_LORA_TARGETS": "k,o,mlp,head",
-           "TTT_LOCAL_LR_MULT": "0.75", "TTT_SHORT_CHUNKS": "16:4,40:8"}
+           "TTT_LOCAL_LR_MULT": "0.75", "TTT_SHORT_CHUNKS": "16:4,40:8", "TRAIN_SEQ_SCHEDULE": "32@0.3,64@1",
+           "SEQ_CHANGE_WARMUP_STEPS": "2", "AWQ_TOP_K": "1", "AWQ_GROUP_SIZE": "16"}
     r = run_script({**env, "RUN_ID": "front"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "looping: layers 1..2 run 2 more times from step 3 (10 slots)" in r.stdout
+    assert "\nseq_len: 64 from step 2 (lr warm-up over 2 steps)" in r.stdout and "\nawq: blocks." in r.stdout
     for line in ["final_int6_embed7_roundtrip_exact", "final_sliding_window_exact", "final_slot_exact mode:causal",
                  "final_ttt_exact"]:
         assert f"\n{line}" in r.stdout, line
@@ -544,17 +636,18 @@ def test_record_frontier_at_toy_size_lists_what_it_lacks_and_ends_with_a_submiss
 def test_loader_cuts_documents_into_segments_counted_from_their_own_start(tmp_path):
     """DOC_MASK's loader: one row of local_tokens per rank; a segment starts at each BOS, every seq_len tokens from
     its document's start (a document begun in an earlier batch keeps counting) and at the row's start; cu ends at
-    the row's length, padded with repeats to 64. Checked against a walk over the stream by hand, both ranks."""
+    the row's length, padded with repeats to 64. Checked against a walk over the stream by hand, both ranks, with
+    the length changing between batches as TRAIN_SEQ_SCHEDULE does (segments of at most the current length)."""
     rng = np.random.default_rng(4)
     docs = [np.concatenate([[tg.BOS_ID], rng.integers(2, 1000, n - 1)]) for n in rng.integers(1, 30, 60)]
     stream = np.concatenate(docs)
     header = np.zeros(tg.HEADER_INTS, dtype="<i4")
     header[:3] = [tg.SHARD_MAGIC, tg.SHARD_VERSION, len(stream)]
     (tmp_path / "fineweb_train_000000.bin").write_bytes(header.tobytes() + stream.astype("<u2").tobytes())
-    files, span, seq = tg.find_shards(tmp_path, "train"), 41, 8
+    files, span = tg.find_shards(tmp_path, "train"), 41
     for rank in (0, 1):
         loader = tg.TrainLoader(files, rank, 2, CPU, 1024)
-        for step in range(4):
+        for step, seq in enumerate([8, 8, 16, 4]):  # TRAIN_SEQ_SCHEDULE changes the length between batches
             x, y, cu = loader.next_batch(span - 1, seq, segments=True)
             base = step * 2 * span + rank * span
             assert x.shape == (1, span - 1) and torch.equal(x[0], torch.from_numpy(stream[base:base + span - 1]))

@@ -56,7 +56,9 @@ def state_of(model):
 @pytest.mark.parametrize("env, name", [
     ({"ATTN_BITS": "4"}, "ATTN_BITS"), ({"MLP_BITS": "9"}, "MLP_BITS"), ({"EMBED_BITS": "5"}, "EMBED_BITS"),
     ({"MLP_CLIP_SIGMAS": "-1"}, "MLP_CLIP_SIGMAS"), ({"EMBED_BITS": "7", "TIE_EMBEDDINGS": "0"}, "EMBED_BITS"),
-    ({"LQER_RANK": "-2"}, "LQER_RANK"), ({"ATTN_CLIP_SIGMAS": "nan"}, "ATTN_CLIP_SIGMAS")])
+    ({"LQER_RANK": "-2"}, "LQER_RANK"), ({"ATTN_CLIP_SIGMAS": "nan"}, "ATTN_CLIP_SIGMAS"),
+    ({"AWQ_TOP_K": "-1"}, "AWQ_TOP_K"), ({"AWQ_GROUP_SIZE": "0"}, "AWQ_GROUP_SIZE"), ({"AWQ_BITS": "9"}, "AWQ_BITS"),
+    ({"AWQ_BITS": "4"}, "AWQ_BITS"), ({"AWQ_GROUP_SIZE": "1e3"}, "AWQ_GROUP_SIZE")])
 def test_bad_settings_name_the_variable(env, name):
     with pytest.raises(tg.ConfigError) as e:
         tg.Settings(env)
@@ -260,6 +262,99 @@ def test_lqer_keeps_a_factor_only_where_it_lowers_the_activation_weighted_error(
         assert line == (f"lqer: {n} {'kept' if after < before else 'dropped'} activation-weighted error "
                         f"{before:.4g} -> {after:.4g}")
     assert [x.split()[2] for x in lines] == ["kept", "dropped"] or [x.split()[2] for x in lines] == ["dropped", "kept"]
+
+
+# ----------------------------------------------------------------------------- AWQ-lite
+
+AWQ = {"NUM_LOOPS": "1", "LOOP_START": "0", "LOOP_END": "0", "EMBED_BITS": "7", "AWQ_GROUP_SIZE": "16"}
+
+
+def activations(model, batches):
+    """Every input row of each GPTQ matrix (float64), captured by hooks: a looped layer's once per pass; the tied
+    embedding's are the final-norm outputs (the head's inputs)."""
+    xs, hooks = {}, []
+    for n, m in model.named_modules():
+        if isinstance(m, tg.CastedLinear) and m.quantized:
+            hooks.append(m.register_forward_hook(lambda m, i, o, n=n: xs.setdefault(n + ".weight", []).append(
+                i[0].detach().double().reshape(-1, i[0].size(-1)))))
+    for x in batches:
+        xs.setdefault("tok_emb.weight", []).append(model.forward_hidden(x).detach().double().reshape(-1, 64))
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(v).numpy() for n, v in xs.items()}
+
+
+def test_awq_saliency_and_chosen_groups_are_the_formula():
+    """s_j = rms(x_j) mean_i |W_ij| over every calibration input row (layer 0 runs twice: its rows count twice),
+    summed in groups of 16 columns; the 3 largest groups over all GPTQ'd matrices (the int7 embedding included) are
+    the artifact's #awqm masks. train_gpt takes rms from H's diagonal without the token count (common to all), so
+    its logged saliency is the formula's times sqrt(tokens)."""
+    a, model, H, batches = toy({**AWQ, "AWQ_TOP_K": "3"})
+    xs, state, lines = activations(model, batches), state_of(model), []
+    tokens = sum(x.numel() for x in batches)
+    ref = []
+    for n, x in xs.items():
+        assert len(x) == tokens * (2 if n.startswith("blocks.0.") else 1)
+        s = np.sqrt((x ** 2).mean(0)) * np.abs(state[n].double().numpy()).mean(0)
+        ref += [(v, n, g) for g, v in enumerate(s.reshape(-1, 16).sum(1))]
+    top = sorted(ref, reverse=True)[:3]
+    tensors, _ = tg.quantize_state(state, H, a, lines.append)
+    arrays = {k: v for k, _, v in tensors}
+    masks = {k[:-5]: v for k, v in arrays.items() if k.endswith("#awqm")}
+    assert sorted(masks) == sorted({n for _, n, _ in top})
+    for n, m in masks.items():
+        want = np.zeros(len(m), np.int8)
+        for _, name, g in top:
+            want[16 * g:16 * g + 16] |= name == n
+        assert np.array_equal(m, want), n
+    logged = re.findall(r"(\S+)\[(\d+):(\d+)\] \(saliency (\S+)\)", next(x for x in lines if x.startswith("awq: ")))
+    assert [(n, int(lo) // 16) for n, lo, _, _ in logged] == [(n, g) for _, n, g in top]
+    for (v, _, _), (_, _, _, got) in zip(top, logged):
+        assert float(got) == pytest.approx(v * math.sqrt(tokens), rel=1e-3)
+
+
+@pytest.mark.parametrize("bits", [8, 7])
+def test_awq_columns_use_their_grid_and_round_trip_through_the_artifact(tmp_path, bits):
+    """The chosen group's columns hold integers of the AWQ_BITS grid (beyond int6's range: a finer step) with their
+    own fp16 row scale, every other column the int6 grid; encode_artifact -> read_artifact (model checks on) ->
+    dequantize gives exactly W[:, group] = q * awqs and q * scale elsewhere, for every codec."""
+    a, model, H, _ = toy({**AWQ, "AWQ_TOP_K": "2", "AWQ_BITS": str(bits)})
+    tensors, _ = tg.quantize_state(state_of(model), H, a)
+    arrays = {k: v for k, _, v in tensors}
+    assert {k for k, kind, _ in tensors if "#awq" in k} == {k[:-5] + s for k in arrays if k.endswith("#awqm")
+                                                            for s in ("#awqm", "#awqs")}
+    qmax = 2 ** (bits - 1) - 1
+    for n in (k[:-5] for k in arrays if k.endswith("#awqm")):
+        m, q, s, sa = (arrays[n + x] for x in ("#awqm", "#q", "#scale", "#awqs"))
+        assert m.dtype == np.int8 and sa.dtype == np.float16 and sa.shape == s.shape and m.sum() in (16, 32)
+        cols = m != 0
+        assert np.abs(q[:, cols]).max() <= qmax and np.abs(q[:, cols]).max() > 31 and np.abs(q[:, ~cols]).max() <= 31
+        want = q.astype(np.float32) * s.astype(np.float32)[:, None]
+        want[:, cols] = q[:, cols] * sa.astype(np.float32)[:, None]
+        assert np.array_equal(tg.dequantize_one(arrays, n), want)
+    for codec in [c for c in codecs() if c in ("lzma-9", "rans")]:
+        path = tmp_path / f"{codec}.pgz"
+        path.write_bytes(tg.encode_artifact(tensors + tg.row_orders(tensors, CPU), codec, "int6", a.arch()))
+        back = tg.dequantize(tg.read_artifact(path)[1])
+        assert all(torch.equal(back[k], v) for k, v in tg.dequantize(arrays).items()), codec
+
+
+def test_awq_lowers_the_chosen_matrix_activation_weighted_error():
+    """With AWQ on, the chosen matrix's tr(E H E^T), E = W - W_q, is below its value with AWQ off (GPTQ still spreads
+    every column's error); every other tensor is the same as with AWQ off."""
+    a, model, H, _ = toy({**AWQ, "ATTN_BITS": "5", "MLP_BITS": "5"})
+    state = state_of(model)
+    off = {k: v for k, _, v in tg.quantize_state(state, H, a)[0]}
+    on = {k: v for k, _, v in tg.quantize_state(state, H, tg.Settings({**TINY, **AWQ, "ATTN_BITS": "5", "MLP_BITS": "5",
+                                                                       "AWQ_TOP_K": "1"}))[0]}
+    (n,) = [k[:-5] for k in on if k.endswith("#awqm")]
+    err = {}
+    for name, arrays in (("off", off), ("on", on)):
+        E = state[n].double().numpy() - tg.dequantize_one(arrays, n)
+        err[name] = np.trace(E @ H[n].double().numpy() @ E.T)
+    assert err["on"] < err["off"], err
+    assert sorted(on) == sorted(list(off) + [n + "#awqm", n + "#awqs"])
+    assert all(np.array_equal(v, on[k]) for k, v in off.items() if not k.startswith(n + "#")), n
 
 
 # ----------------------------------------------------------------------------- layout

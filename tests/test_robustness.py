@@ -217,6 +217,16 @@ def lqer_tensors(config):
     return tensors + tg.row_orders(tensors, torch.device("cpu"))
 
 
+def awq_tensors(config):
+    """The same tiny model with AWQ-lite on (2 groups of 16 columns at int8)."""
+    torch.manual_seed(0)
+    state = {k: v.detach().float() for k, v in tg.GPT(config).state_dict().items()}
+    hess = {k: torch.eye(v.shape[1]) for k, v in state.items() if tg.quant_kind(k, v, config) == "int6"}
+    tensors, _ = tg.quantize_state(state, hess, tg.Settings({**TINY, "AWQ_TOP_K": "2", "AWQ_GROUP_SIZE": "16"}))
+    assert sum(k.endswith("#awqm") for k, _, _ in tensors) in (1, 2)
+    return tensors
+
+
 def split(blob):
     hlen = tg.ART_PREFIX.unpack_from(blob)[2]
     return json.loads(blob[tg.ART_PREFIX.size:tg.ART_PREFIX.size + hlen]), blob[tg.ART_PREFIX.size + hlen:]
@@ -325,6 +335,19 @@ def artifact_cases(config, tensors, prequant):
         "lqer_rank_mismatch": (tg.encode_artifact(lq[:lqa] + [(lq[lqa][0], "int4", lq[lqa][2][:1])] + lq[lqa + 1:],
                                                   "none", "int6", config), ["tensor"]),
     })
+    aw = awq_tensors(config)
+    m = next(i for i, (k, _, _) in enumerate(aw) if k.endswith("#awqm"))
+    key = aw[m][0][:-5]
+    awq_art = lambda ts: tg.encode_artifact(ts, "none", "int6", config)
+    cases.update({
+        "awq_genuine": (tg.encode_artifact(aw, "lzma-9", "int6", config), None),
+        "awq_mask_too_short": (awq_art(aw[:m] + [(aw[m][0], "int8", aw[m][2][:-1])] + aw[m + 1:]), ["tensor", "awqm"]),
+        "awq_mask_not_int": (awq_art(aw[:m] + [(aw[m][0], "fp16", aw[m][2].astype(np.float16))] + aw[m + 1:]),
+                             ["tensor", "awqm"]),
+        "awq_scale_missing": (awq_art([t for t in aw if t[0] != key + "#awqs"]), ["tensor", key + "#awqs", "None"]),
+        "awq_scale_without_mask": (awq_art([t for t in aw if t[0] != key + "#awqm"]), ["tensor", "awqs"]),
+        "awq_on_a_vector": (awq_art(aw + [("skip_weights#awqm", "int8", np.ones(96, np.int8))]), ["tensor"]),
+    })
     codecs = tg.codecs()
     if isinstance(codecs.get("zpaq-5"), tuple):
         import zpaq
@@ -357,7 +380,9 @@ ART_CASES = ["genuine_lzma", "genuine_rans", "genuine_none", "prequant_all_fp32"
              "payload_bytes_huge", "unknown_codec", "lzma_bomb_64mib", "none_codec_long_payload", "rans_one_lane_spin",
              "rans_words_past_symbols", "rans_coded_len_lies", "rans_payload_flip", "zstd_bomb_1gib",
              "brotli_bomb_1gib", "config_bits_9", "config_bits_other", "perm_repeats_a_row", "perm_too_short",
-             "perm_of_no_group", "group_entries_swapped", "lqer_genuine", "lqer_rank_mismatch", "zpaq_genuine",
+             "perm_of_no_group", "group_entries_swapped", "lqer_genuine", "lqer_rank_mismatch", "awq_genuine",
+             "awq_mask_too_short", "awq_mask_not_int", "awq_scale_missing", "awq_scale_without_mask", "awq_on_a_vector",
+             "zpaq_genuine",
              "zpaq_bomb_64mib", "zpaq_garbage"]
 
 
@@ -431,7 +456,7 @@ def artifact_report(tmp):
     genuine = make_genuine()
     config, tensors, prequant = genuine
     table, fuzz = artifact_cases(*genuine), fuzz_cases(config, tensors)
-    refs = {"prequant_all_fp32": prequant, "lqer_genuine": lqer_tensors(config)}
+    refs = {"prequant_all_fp32": prequant, "lqer_genuine": lqer_tensors(config), "awq_genuine": awq_tensors(config)}
     want = {name: {k: a for k, _, a in refs.get(name, tensors)} for name in table}
     path = Path(tmp) / "case.pgz"
     for name in ("genuine_lzma", "genuine_rans", "genuine_none", "prequant_all_fp32"):  # the genuine peak first
