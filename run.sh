@@ -98,15 +98,17 @@ preflight() {  # every phase of the run before paying for it: toy size (PREFLIGH
   rm -f "$dir/${run}_preflight".*
   # toy width: PREFLIGHT=1, and PREFLIGHT=full on a machine without GPUs (the same code path, at a size a CPU runs)
   if [ "$mode" = 1 ] || [ "$gpu" -eq 0 ]; then
+    # a training-length schedule becomes three toy lengths: each still compiles in the warm-up and switches on
     toy=(MODEL_DIM=64 NUM_HEADS=4 NUM_KV_HEADS=2 ROPE_DIMS=8 BIGRAM_DIM=32 VE_DIM=32 TRAIN_SEQ_LEN=128
+      TRAIN_SEQ_SCHEDULE=${TRAIN_SEQ_SCHEDULE:+32@0.3,64@0.6,128@1}
       BIGRAM_VOCAB_SIZE=$(( ${BIGRAM_VOCAB_SIZE:-2048} > 0 ? 512 : 0 )) TTT_EVAL_SEQ_LEN=128 TTT_LORA_RANK=8
       TRAIN_BATCH_TOKENS=$((world * 1024)) GRAD_ACCUM_STEPS=1 EVAL_SEQ_LEN=128 EVAL_STRIDE=32)
   fi
   if [ "$mode" = 1 ]; then
     echo "preflight: every phase at toy size on $world process(es) before the real run; output in $out"
     # 8 steps with warm-down over all 8: late QAT switches on at the last one; the cap's stop flag runs each step.
-    # Warm-up compiles every variant (loop, late QAT); the loop is on from the first timed step.
-    sched=(ENABLE_LOOPING_AT=0 ITERATIONS=8 WARMUP_STEPS=4 WARMDOWN_ITERS=8 WARMDOWN_FRAC=0 MAX_WALLCLOCK_SECONDS=120
+    # Warm-up compiles every variant (length, loop, late QAT: up to 8); the loop is on from the first timed step.
+    sched=(ENABLE_LOOPING_AT=0 ITERATIONS=8 WARMUP_STEPS=8 WARMDOWN_ITERS=8 WARMDOWN_FRAC=0 MAX_WALLCLOCK_SECONDS=120
       GPTQ_RESERVE_SECONDS=1 VAL_LOSS_EVERY=4 TRAIN_LOG_EVERY=4 SWA_EVERY=2 VAL_TOKENS=16384 SLOT_STEPS=2
       GPTQ_CALIB_BATCHES="$world")
   else
@@ -153,7 +155,7 @@ record_run() {  # the install check, preflight, then the real run: SEED and RUN_
   SEED=$1 RUN_ID=$2 launch
 }
 
-frontier_defaults() {  # record_frontier.env (the best merged record, SPEC section 10); a variable already set wins
+frontier_defaults() {  # record_frontier.env (#1855 plus the audited parts to #2135, SPEC 10-11); a variable set wins
   local caseops=./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved k v
   lacks=()
   if [ -z "${DATA_PATH:-}" ]; then
@@ -171,6 +173,8 @@ frontier_defaults() {  # record_frontier.env (the best merged record, SPEC secti
   done < record_frontier.env
   python -c "import zpaq" 2>/dev/null || lacks+=("compression: the context-mixing coder (python package zpaq) is not installed, so the smallest of rANS, Brotli, zstd and LZMA runs; fix: pip install zpaq")
   lacks+=("GPTQ calibration time: the record read its training batches after the 600 s cap (not allowed); here 32 are read inside it, GPTQ_RESERVE_SECONDS=${GPTQ_RESERVE_SECONDS:-8} kept for them (the gptq_calib line checks the sum)")
+  lacks+=("LQER groups: the #2060 retune quantises the factor B asymmetrically in groups of 32; here symmetric int4 groups of 64 (the rank 2 and top 4 are its)")
+  lacks+=("SmearGate without its BOS fix: #2135 and its base ran the input gate across document starts (a fault); here it never mixes across a BOS")
   lacks+=("evaluation time: the record left its TTT warm-up and second decompression off its clock; here every second from the artifact read counts, and TTT stops adapting at EVAL_BUDGET_SECONDS=${EVAL_BUDGET_SECONDS:-600} (docs/ttt.md)")
   for k in "${lacks[@]}"; do echo "record-frontier: lacks $k"; done
 }

@@ -724,9 +724,16 @@ def frontier_env(environ=None):
                if line and not line.startswith("#"))
     return {"VOCAB_SIZE": "8192", **env, **(environ or {})}
 
+# record_frontier.env's values after #1855 (the audited records #1945-#2135) put back to #1855's own
+AT_1855 = dict(QK_GAIN_INIT="5.0", LOGIT_SOFTCAP_ASYM="0", TRAIN_SEQ_LEN="2048", TRAIN_SEQ_SCHEDULE="",
+               SEQ_CHANGE_WARMUP_STEPS="0", MATRIX_LR="0.026", LQER_RANK="4", LQER_TOP_K="3", AWQ_TOP_K="0",
+               EVAL_SEQ_LEN="2048", EVAL_STRIDE="64", TTT_EVAL_SEQ_LEN="2048", TTT_LORA_TARGETS="q,k,v,o,mlp,head",
+               TTT_LOCAL_LR_MULT="1.0", TTT_SHORT_CHUNKS="", PHASED_TTT_NUM_PHASES="3", NGRAM_TILT_ORDER="0")
+
 def settings_1855():
-    """#1855's own model and TTT settings (record_frontier.env, the TTT defaults), whatever the environment says."""
-    return tg.Settings(frontier_env())
+    """#1855's own model and TTT settings (record_frontier.env less its later parts, the TTT defaults), whatever
+    the environment says."""
+    return tg.Settings({**frontier_env(), **AT_1855})
 
 def anchored(parts, modelled_1855):
     """(measured / modelled ratios, (low, high) eval seconds) of an eval whose modelled parts are `parts`, anchored on

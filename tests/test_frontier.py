@@ -605,6 +605,14 @@ def test_record_frontier_env_holds_valid_settings_of_the_record(repo):
     assert set(a.codecs) == set(tg.CODEC_NAMES) - {"zpaq-5"}  # zpaq's decode seconds cost more eval than it saves
     # calibration on training batches inside the cap (#2135's 32), its reserve above the 4-7 s measured by others
     assert (a.gptq_calib, a.gptq_calib_batches, a.gptq_reserve_seconds) == ("train", 32, 8.0)
+    # the audited records after #1855 at #2135's values (SPEC 11), the SmearGate's BOS fix on (always, here)
+    assert (a.qk_gain_init, a.logit_softcap_asym, a.seq_schedule, a.seq_change_warmup_steps, a.awq_top_k) == (
+        5.25, True, [(1024, 0.1), (2048, 0.7), (3072, 1.0)], 32, 1)
+    assert (a.eval_seq_len, a.eval_stride, a.ttt_eval_seq_len, a.ttt_lora_targets, a.ttt_local_lr_mult) == (
+        3072, 1536, 3072, ["k", "o", "mlp", "head"], 0.8)
+    assert (a.ttt_short_chunks, a.phased_ttt_num_phases, a.ngram_tilt_order, a.matrix_lr, a.lqer_rank,
+            a.lqer_top_k) == (["256:8", "2000:24"], 1, 16, 0.028, 2, 4)
+    assert tg.Settings({**env, "WORLD_SIZE": "8"}).train_batch_tokens % (8 * 6144) == 0  # every length divides
 
 
 def test_record_frontier_at_toy_size_lists_what_it_lacks_and_ends_with_a_submission(repo, toy_env, tmp_path):
@@ -615,7 +623,8 @@ def test_record_frontier_at_toy_size_lists_what_it_lacks_and_ends_with_a_submiss
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "OMP_NUM_THREADS": "1",
            "OMP_WAIT_POLICY": "PASSIVE", "LOG_DIR": str(tmp_path), "PREFLIGHT": "0", **toy_env,
            "ITERATIONS": "6", "WARMUP_STEPS": "4", "VAL_TOKENS": "2048", "TTT_EVAL_SEQ_LEN": "64",
-           "TTT_LORA_RANK": "8", "MATRIX_LR": "0.02", "NUM_LAYERS": "11", "XSA_LAST_N": "11", "VE_LAYERS": "9,10"}
+           "TTT_LORA_RANK": "8", "MATRIX_LR": "0.02", "NUM_LAYERS": "11", "XSA_LAST_N": "11", "VE_LAYERS": "9,10",
+           "TRAIN_SEQ_SCHEDULE": "32@0.5,64@1"}
     proc = subprocess.run(["bash", "run.sh", "record-frontier", "3"], cwd=repo, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -216,6 +216,12 @@ def test_the_default_settings_are_record_frontier_and_the_anchor_is_measured_ove
     env = ts.frontier_env({"TTT_LORA_RANK": "8"})
     assert env["VOCAB_SIZE"] == "8192" and env["MLP_MULT"] == "4" and env["NUM_LOOPS"] == "2"
     assert env["TTT_LORA_RANK"] == "8" and "TTT_LORA_RANK" not in ts.frontier_env()
+    # the anchor is #1855 itself: record_frontier.env's later parts (#1945-#2135) put back to #1855's values
+    a = ts.settings_1855()
+    assert set(ts.AT_1855) <= set(ts.frontier_env())
+    assert (a.qk_gain_init, a.eval_seq_len, a.ttt_eval_seq_len, a.train_seq_len, a.ttt_lora_targets,
+            a.phased_ttt_num_phases, a.ngram_tilt_order, a.logit_softcap_asym, a.ttt_short_chunks) == (
+        5.0, 2048, 2048, 2048, ["q", "k", "v", "o", "mlp", "head"], 3, 0, False, [])
     assert ts.SPLITS == {"sp1024": 62_021_632, "sp8192": 40_540_160, "caseops": 47_851_520}
     parts = {"round trip": 10.0, "TTT per-document LoRA": 100.0, "TTT global SGD": 5.0, "compile warm-up": 138.0,
              "load and decode": 15.0}
