@@ -568,11 +568,12 @@ def test_toy_run_with_every_option_on_trains_exports_reloads_and_scores(toy_env,
            "TTT_BATCH_SIZE": "8", "PHASED_TTT_PREFIX_DOCS": "6", "GLOBAL_TTT_CHUNK": "256", "VAL_TOKENS": "2048",
            "EMBED_BITS": "7", "LOGIT_SOFTCAP_ASYM": "1", "TTT_LORA_TARGETS": "k,o,mlp,head",
            "TTT_LOCAL_LR_MULT": "0.75", "TTT_SHORT_CHUNKS": "16:4,40:8", "TRAIN_SEQ_SCHEDULE": "32@0.3,64@1",
-           "SEQ_CHANGE_WARMUP_STEPS": "2", "AWQ_TOP_K": "1", "AWQ_GROUP_SIZE": "16"}
+           "SEQ_CHANGE_WARMUP_STEPS": "2", "AWQ_TOP_K": "1", "AWQ_GROUP_SIZE": "16", "NGRAM_TILT_ORDER": "4"}
     r = run_script({**env, "RUN_ID": "front"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "looping: layers 1..2 run 2 more times from step 3 (10 slots)" in r.stdout
     assert "\nseq_len: 64 from step 2 (lr warm-up over 2 steps)" in r.stdout and "\nawq: blocks." in r.stdout
+    assert "\nngram_tilt: order:4 hinted:" in r.stdout  # every figure below is tilted
     for line in ["final_int6_embed7_roundtrip_exact", "final_sliding_window_exact", "final_slot_exact mode:causal",
                  "final_ttt_exact"]:
         assert f"\n{line}" in r.stdout, line
