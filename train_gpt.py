@@ -2800,7 +2800,9 @@ def code_identity(path):
 def main():
     code_bytes, source = code_identity(__file__)
     rank0, status, ctx = os.environ.get("RANK", "0") == "0", 0, None
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops a run as Ctrl-C does
+    # SIGTERM stops a run as Ctrl-C does; SIGINT too where it arrives ignored (a background job of a shell)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     try:
         a = Settings()
         typos = warn_env_typos()

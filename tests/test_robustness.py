@@ -635,21 +635,23 @@ def test_nan_result_is_an_error_not_a_file(tmp_path):
     assert json.loads(path.read_text()) == {"val_bpb": 1.25}
 
 
-def start(env):
+def start(env, ignore_sigint=False):
     full = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
             "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", **env}
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
     return subprocess.Popen([sys.executable, "train_gpt.py"], cwd=REPO, env=full, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_is_one_clean_line(fault_env, sig):
+@pytest.mark.parametrize("sig, ignored", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_interrupt_is_one_clean_line(fault_env, sig, ignored):
     """Ctrl-C or SIGTERM mid-training: one `error: interrupted` line on stderr and in the log, a non-zero exit,
-    and no half-written file."""
-    run_id = f"int_{sig.name}"
+    and no half-written file. Also when the run starts with SIGINT ignored, as a shell's background job does
+    (Python then installs no handler of its own: the run would go on)."""
+    run_id = f"int_{sig.name}_{ignored:d}"
     env = {**fault_env, "RUN_ID": run_id, "ITERATIONS": "100000", "TRAIN_LOG_EVERY": "1"}
     log = Path(env["LOG_DIR"]) / f"{run_id}.txt"
-    p = start(env)
+    p = start(env, ignored)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not (log.is_file() and "step:2/" in log.read_text()):
