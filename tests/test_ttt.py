@@ -159,6 +159,20 @@ def test_changing_token_t_and_later_leaves_earlier_scores_with_the_tilt(sharp_mo
     test_changing_token_t_and_later_leaves_earlier_scores(sharp_model, causal_ref_tilt, t, tilt=TILT)
 
 
+@pytest.mark.parametrize("t", [40, 210])
+def test_the_audited_stack_at_once_still_scores_first(t):
+    """Every TTT-side part after #1855 at once: the frontier model with the asymmetric cap (its caps apart), adapters
+    on k, o, MLP and head at lr x0.8, short chunks, one global phase and the tilt: changing token t and every later
+    one still leaves every earlier target's distribution as it was."""
+    model = slot_leak.toy_model(vocab=V, dim=32, layers=4, seed=1, perturb=0.3, LOGIT_SOFTCAP_ASYM=1, **FRONTIER)
+    with torch.no_grad():
+        model.cap_pos.fill_(6.0), model.cap_neg.fill_(9.0)
+    tokens = np.concatenate(make_docs(sorted(LENS, reverse=True)))
+    p = dict(P, short_chunks=SHORT, targets=["k", "o", "mlp", "head"], local_lr_mult=0.8, phases=1)
+    ref = run_ttt(model, tokens, p, tilt=TILT)[2]
+    test_changing_token_t_and_later_leaves_earlier_scores(model, (tokens, p, ref), t, tilt=TILT)
+
+
 def test_documents_scored_later_leave_earlier_scored_ones(sharp_model, chunking):
     """The stream out of scoring order: docs 3, 8, 1 and 4 (lengths 12, 9, 5, 1) run in the last two batches, after
     both boundaries; changing their tokens leaves every target of the other documents, earlier in the stream or
